@@ -1,0 +1,139 @@
+"""Typed, validated engine configuration: the single source of truth.
+
+Pure module (no torch, no rclpy). ROS parameters, the YAML file and the CLI are adapters that
+build :class:`EngineConfig`; validation raises :class:`ValueError` naming the field, the value
+and the allowed range.
+"""
+from dataclasses import asdict, dataclass, field, fields
+import math
+from typing import Any, Mapping
+
+DTYPES = ('bfloat16', 'float16', 'float32')
+ATTN_IMPLEMENTATIONS = ('auto', 'eager', 'sdpa', 'flash_attention_2')
+EVICTION_POLICIES = ('sink_window', 'fifo')
+
+
+def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f'{name}={value!r} is invalid: expected {allowed}')
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling of the next token (moss-model.md section 6.2 defaults: do_sample, top_k 50).
+
+    ``temperature`` 0 means greedy decoding.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check(math.isfinite(self.temperature) and self.temperature >= 0.0,
+               'sampling.temperature', self.temperature, 'a finite float >= 0 (0 = greedy)')
+        _check(self.top_k >= 0, 'sampling.top_k', self.top_k, 'an int >= 0 (0 = off)')
+        _check(0.0 < self.top_p <= 1.0, 'sampling.top_p', self.top_p, 'a float in (0, 1]')
+        _check(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0.0,
+               'sampling.repetition_penalty', self.repetition_penalty, 'a float > 0 (1 = off)')
+        _check(1 <= self.max_new_tokens <= 1_000_000, 'sampling.max_new_tokens',
+               self.max_new_tokens, 'an int in [1, 1000000]')
+
+
+@dataclass
+class EngineConfig:
+    """Everything the streaming engine needs; see ``config/assistant.yaml`` for the ROS names.
+
+    :ivar model_path: local checkpoint directory ('' = no model; the node then reports UNLOADED).
+    :ivar dtype: weights/activations dtype, one of :data:`DTYPES`.
+    :ivar device: torch device string ('cpu', 'cuda', 'cuda:1').
+    :ivar attn_implementation: text self-attention and vision tower kernel; 'auto' picks
+        FlashAttention-2 when ``flash_attn`` is installed and CUDA is used, SDPA otherwise.
+    :ivar trust_remote_code: allow the checkpoint's own code (off; executes code from disk).
+    :ivar frame_rate_hz: frames per second fed to the model (training distribution: 1.0,
+        moss-model.md section 7.3).
+    :ivar max_frames: vision-cache budget in frames (3.16 MiB/frame at 11B bf16, section 8.1).
+    :ivar num_sink_frames: oldest frames always kept by the 'sink_window' eviction policy.
+    :ivar max_context_tokens: text KV-cache budget in tokens; when full, the middle of the
+        dialogue is evicted (system prompt and a recent window kept).
+    :ivar max_prompt_chars: longest accepted question, characters.
+    :ivar max_pending_questions: bounded question queue; the oldest pending one is cancelled.
+    :ivar max_frame_queue: frames waiting to be encoded; the oldest is dropped and counted.
+    :ivar round_close_after_frames: a round (question) ends after this many silent frames
+        following its last utterance; later utterances until then are revisions.
+    :ivar max_memory_bytes: optional cap on vision + text cache bytes (0 = off); on overflow
+        frames are evicted (simulates device OOM handling on the CPU).
+    """
+
+    model_path: str = ''
+    dtype: str = 'float32'
+    device: str = 'cpu'
+    attn_implementation: str = 'auto'
+    trust_remote_code: bool = False
+    frame_rate_hz: float = 1.0
+    max_frames: int = 256
+    num_sink_frames: int = 4
+    eviction_policy: str = 'sink_window'
+    max_context_tokens: int = 4096
+    max_prompt_chars: int = 2000
+    max_pending_questions: int = 4
+    max_frame_queue: int = 4
+    max_memory_bytes: int = 0
+    round_close_after_frames: int = 30
+    system_prompt: str = ''
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def validate(self) -> 'EngineConfig':
+        """Check every field; return self. :raises ValueError: on the first invalid field."""
+        _check(self.dtype in DTYPES, 'engine.dtype', self.dtype, f'one of {DTYPES}')
+        dev = self.device.split(':')[0]
+        _check(dev in ('cpu', 'cuda', 'mps', 'xpu'), 'engine.device', self.device,
+               "'cpu', 'cuda' or 'cuda:N'")
+        if ':' in self.device:
+            _check(self.device.split(':', 1)[1].isdigit(), 'engine.device', self.device,
+                   "'cuda:N' with N an integer")
+        _check(self.attn_implementation in ATTN_IMPLEMENTATIONS, 'engine.attn_implementation',
+               self.attn_implementation, f'one of {ATTN_IMPLEMENTATIONS}')
+        _check(math.isfinite(self.frame_rate_hz) and 0.0 < self.frame_rate_hz <= 30.0,
+               'frames.rate_hz', self.frame_rate_hz, 'a float in (0, 30]')
+        _check(1 <= self.max_frames <= 100_000, 'cache.max_frames', self.max_frames,
+               'an int in [1, 100000]')
+        _check(0 <= self.num_sink_frames < self.max_frames, 'cache.num_sink_frames',
+               self.num_sink_frames, f'an int in [0, cache.max_frames={self.max_frames})')
+        _check(self.eviction_policy in EVICTION_POLICIES, 'cache.eviction_policy',
+               self.eviction_policy, f'one of {EVICTION_POLICIES}')
+        _check(512 <= self.max_context_tokens <= 131_072, 'cache.max_context_tokens',
+               self.max_context_tokens, 'an int in [512, 131072]')
+        _check(1 <= self.max_prompt_chars <= 100_000, 'prompt.max_chars', self.max_prompt_chars,
+               'an int in [1, 100000]')
+        _check(1 <= self.max_pending_questions <= 1000, 'prompt.max_pending',
+               self.max_pending_questions, 'an int in [1, 1000]')
+        _check(1 <= self.max_frame_queue <= 1000, 'frames.max_queue', self.max_frame_queue,
+               'an int in [1, 1000]')
+        _check(self.max_memory_bytes >= 0, 'cache.max_memory_bytes', self.max_memory_bytes,
+               'an int >= 0 (0 = off)')
+        _check(self.round_close_after_frames >= 0, 'round.close_after_frames',
+               self.round_close_after_frames, 'an int >= 0 (0 = rounds stay open)')
+        self.sampling.validate()
+        return self
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> 'EngineConfig':
+        """Build from a flat or nested mapping of field names; unknown keys raise ValueError."""
+        values = dict(values)
+        sampling = values.pop('sampling', {}) or {}
+        known = {f.name for f in fields(cls)} - {'sampling'}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f'unknown engine config keys: {unknown}')
+        s_known = {f.name for f in fields(SamplingConfig)}
+        s_unknown = sorted(set(sampling) - s_known)
+        if s_unknown:
+            raise ValueError(f'unknown sampling config keys: {s_unknown}')
+        return cls(sampling=SamplingConfig(**sampling), **values).validate()
+
+    def to_dict(self) -> dict:
+        return asdict(self)

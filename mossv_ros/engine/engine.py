@@ -1,0 +1,491 @@
+"""The streaming engine: speak-while-watching decode (moss-model.md section 7).
+
+Two threads share the model's read-only weights:
+
+* the **encoder thread** turns incoming frames into cross-attention K/V as soon as they
+  arrive (on CUDA on its own stream), so perception never waits for generation;
+* the **engine thread** owns the session (caches, positions) and runs ``step()``: schedule
+  (question? ready frame?), execute one forward, sample, emit events. An encoded frame is
+  inserted at the next token boundary, mid-sentence as in training; decoding never waits for an
+  encode.
+
+Inputs are queued (frames, questions, reset, stop); outputs are events in :attr:`events`.
+"""
+from collections import deque
+from dataclasses import dataclass, field
+import logging
+import queue
+import threading
+import time
+from typing import Callable, List, Optional
+
+from . import prompt as grammar
+from .config import EngineConfig
+from .events import (AnswerEvent, END_CANCELLED, END_ERROR, END_INTERRUPTED, END_MAX_TOKENS,
+                     END_RESET, END_SHUTDOWN, END_SILENCE, EngineStats, ErrorEvent, Frame,
+                     FrameRef, Question, RoundEvent, RoundMetrics, SessionResetEvent,
+                     SilenceEvent, TokenEvent)
+from .policy import FrameRateLimiter, validate_prompt
+
+log = logging.getLogger(__name__)
+
+SPEAKING = 'speaking'
+SILENT = 'silent'
+
+
+@dataclass
+class _Round:
+    round_id: int = 0
+    request_id: str = ''
+    question: str = ''
+    submit_ts: float = 0.0
+    num_utterances: int = 0
+    num_tokens: int = 0
+    last_text: str = ''
+    silent_frames: int = 0
+    first_token_ts: float = 0.0
+    last_token_ts: float = 0.0
+    first_frame_index: int = -1
+
+
+@dataclass
+class _Utterance:
+    index: int
+    ids: List[int] = field(default_factory=list)
+    emitted_chars: int = 0
+    first_frame_index: int = -1
+
+
+class EngineStopped(RuntimeError):
+    """Raised inside the engine thread to unwind on stop."""
+
+
+class StreamingEngine:
+    """Speak-while-watching engine over a :class:`~.runner.ModelRunner`.
+
+    :param config: validated engine configuration.
+    :param runner: a loaded runner; when None, :meth:`start` loads one from
+        ``config.model_path`` on the engine thread (state 'loading' meanwhile).
+    :param sampler: ``sampler(logits, history) -> token id``; default from ``config.sampling``.
+    :param on_event: called (from engine threads) after each event is queued; must not block.
+    """
+
+    def __init__(self, config: EngineConfig, runner=None, sampler=None,
+                 on_event: Optional[Callable[[object], None]] = None,
+                 load_progress: Optional[Callable[[int, int], None]] = None) -> None:
+        self.config = config.validate()
+        self.runner = runner
+        self._sampler = sampler
+        self.on_event = on_event
+        self._load_progress = load_progress
+        self.events: 'queue.Queue' = queue.Queue()
+        self._cv = threading.Condition()
+        self._frames: deque = deque()
+        self._ready: deque = deque()
+        self._questions: deque = deque()
+        self._controls: deque = deque()
+        self._stop = threading.Event()
+        self._threads: List[threading.Thread] = []
+        self._limiter = FrameRateLimiter(config.frame_rate_hz)
+        self._next_round_id = 1
+        self._next_frame_index = 0
+        self.stats_data = EngineStats(state='unloaded')
+        self._session = None
+        self._reset_state()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def state(self) -> str:
+        return self.stats_data.state
+
+    def start(self) -> None:
+        """Start the engine and encoder threads (loads the model first if needed)."""
+        if any(t.is_alive() for t in self._threads):
+            return
+        self._stop.clear()
+        self.stats_data.state = 'loading' if self.runner is None else 'ready'
+        self._threads = [threading.Thread(target=self._engine_main, name='mossv-engine',
+                                          daemon=True),
+                         threading.Thread(target=self._encoder_main, name='mossv-encoder',
+                                          daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout: float = 2.0) -> bool:
+        """Stop both threads; end the open round with 'shutdown'. :returns: True if joined."""
+        with self._cv:
+            self._stop.set()
+            self._cv.notify_all()
+        ok = True
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout)
+                ok = ok and not t.is_alive()
+        return ok
+
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        """Block until the session is started (or error). :returns: True when ready."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.state == 'error':
+                return False
+            if self.state == 'ready' and self._session is not None:
+                return True
+            time.sleep(0.01)
+        return False
+
+    def submit_frame(self, frame: Frame, stamp_sec: Optional[float] = None) -> bool:
+        """Queue a frame (RGB uint8 (H, W, 3)) unless rate-limited.
+
+        :param stamp_sec: the frame's stamp in seconds, for subsampling to ``frames.rate_hz``;
+            None uses ``frame.arrival_ts``.
+        :returns: True if queued. The oldest queued frame is dropped (and counted) on overflow.
+        """
+        if not frame.arrival_ts:
+            frame.arrival_ts = time.monotonic()
+        t = frame.arrival_ts if stamp_sec is None else stamp_sec
+        with self._cv:
+            if not self._limiter.accept(t):
+                return False
+            if len(self._frames) >= self.config.max_frame_queue:
+                self._frames.popleft()
+                self.stats_data.num_dropped_frames += 1
+            self._frames.append(frame)
+            self.stats_data.num_frames_received += 1
+            self._cv.notify_all()
+        return True
+
+    def submit_question(self, text: str, request_id: str = ''):
+        """Queue a question. :returns: (accepted, round_id, message); never raises on input."""
+        ok, cleaned, reason = validate_prompt(text, self.config.max_prompt_chars)
+        if not ok:
+            return False, 0, reason
+        if self.state != 'ready':
+            detail = f': {self.stats_data.last_error}' if self.state == 'error' else ''
+            return False, 0, f'engine not ready (state {self.state}){detail}'
+        with self._cv:
+            round_id = self._next_round_id
+            self._next_round_id += 1
+            if len(self._questions) >= self.config.max_pending_questions:
+                old = self._questions.popleft()
+                self._cancel(old, 'superseded by a newer question (queue full)')
+            self._questions.append(Question(cleaned, request_id, round_id, time.monotonic()))
+            self.stats_data.num_rounds_started += 1
+            self._cv.notify_all()
+        return True, round_id, f'accepted as round {round_id}'
+
+    def reset(self, reason: str = 'requested') -> None:
+        """Clear vision cache and dialogue at the next token boundary; recovers from ERROR."""
+        with self._cv:
+            self._controls.append(('reset', reason))
+            self._cv.notify_all()
+        if self.state == 'error':
+            self.stats_data.state = 'loading' if self.runner is None else 'ready'
+            self.stats_data.last_error = ''
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self.start()
+
+    def stats(self) -> EngineStats:
+        """A snapshot of counters (cheap; safe from any thread)."""
+        s = self.stats_data
+        session = self._session
+        if session is not None:
+            s.num_frames_cached = session.vision_cache.num_frames
+            s.cache_bytes = session.cache_bytes
+            s.num_context_tokens = session.kv_cache.length
+            s.num_frames_evicted = session.num_evicted_frames + self._evicted_before
+        s.current_round_id = self._round.round_id
+        return EngineStats(**vars(s))
+
+    # ------------------------------------------------------------------ threads
+    def _emit(self, event) -> None:
+        self.events.put(event)
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:  # noqa: BLE001 - a consumer's bug must not kill the engine
+                log.exception('on_event callback failed')
+
+    def _encoder_main(self) -> None:
+        while not self._stop.is_set():
+            with self._cv:
+                while not self._frames and not self._stop.is_set():
+                    self._cv.wait(0.2)
+                if self._stop.is_set():
+                    return
+                if self.runner is None or self._session is None:
+                    self._cv.wait(0.05)
+                    continue
+                frame = self._frames.popleft()
+                index = self._next_frame_index
+                self._next_frame_index += 1
+            try:
+                encoded = self.runner.encode_frames([frame.image])[0]
+            except Exception as exc:  # noqa: BLE001 - bad frame: count, report, keep going
+                self.stats_data.num_dropped_frames += 1
+                self._emit(ErrorEvent(f'frame {index} could not be encoded: {exc}'))
+                continue
+            encoded.frame_index = index
+            with self._cv:
+                if len(self._ready) >= self.config.max_frame_queue:
+                    self._ready.popleft()
+                    self.stats_data.num_dropped_frames += 1
+                self._ready.append((frame, encoded))
+                self.stats_data.num_frames_encoded += 1
+                self._cv.notify_all()
+
+    def _engine_main(self) -> None:
+        try:
+            if self.runner is None:
+                from .runner import ModelRunner
+                self.runner = ModelRunner(self.config, self._load_progress)
+            if self._sampler is None:
+                from .sampling import Sampler
+                self._sampler = Sampler(self.config.sampling, self.runner.suppressed_ids(),
+                                        self.runner.vocab_size)
+            self.stats_data.model_name = self.config.model_path.rstrip('/').split('/')[-1]
+            self._start_session()
+            self.stats_data.state = 'ready'
+            while not self._stop.is_set():
+                self.step()
+            self._end_round(END_SHUTDOWN)
+            self._cancel_pending(END_SHUTDOWN)
+        except EngineStopped:
+            self._end_round(END_SHUTDOWN)
+            self._cancel_pending(END_SHUTDOWN)
+        except Exception as exc:  # noqa: BLE001 - top of the engine loop: report, stop cleanly
+            log.exception('engine thread failed')
+            self.stats_data.state = 'error'
+            self.stats_data.last_error = f'{type(exc).__name__}: {exc}'
+            self._end_round(END_ERROR)
+            self._cancel_pending(END_ERROR)
+            self._emit(ErrorEvent(self.stats_data.last_error, fatal=True,
+                                  round_id=self._round.round_id))
+            self._stop.set()
+            with self._cv:
+                self._cv.notify_all()
+
+    # ------------------------------------------------------------------ scheduling
+    def step(self) -> None:
+        """One scheduling decision and at most one forward (runs on the engine thread)."""
+        with self._cv:
+            control = self._controls.popleft() if self._controls else None
+            question = None if control else (self._questions.popleft()
+                                             if self._questions else None)
+            ready = None
+            if control is None and question is None:
+                if self._mode == SILENT and not self._ready:
+                    self._cv.wait(0.1)
+                    return
+                ready = self._ready.popleft() if self._ready else None
+        if control is not None:
+            self._do_reset(control[1])
+        elif question is not None:
+            self._do_question(question)
+        else:
+            self._do_step(ready)
+
+    def _reset_state(self) -> None:
+        self._mode = SILENT
+        self._mode_since = time.monotonic()
+        self._pending: Optional[int] = None
+        self._round = _Round()
+        self._utterance: Optional[_Utterance] = None
+        self._newest = FrameRef()
+        self._history: deque = deque(maxlen=64)
+        self._evicted_before = getattr(self, '_evicted_before', 0)
+
+    def _start_session(self) -> None:
+        runner = self.runner
+        if self._session is None:
+            self._session = runner.new_session()
+        else:
+            self._evicted_before += self._session.num_evicted_frames
+            self._session.num_evicted_frames = 0
+        logits = runner.start_session(self._session, self.config.system_prompt)
+        self._on_token(self._sample(logits))
+
+    def _sample(self, logits) -> int:
+        return int(self._sampler(logits, list(self._history)))
+
+    def _do_step(self, ready) -> None:
+        special = self.runner.special
+        tokens = [] if self._pending is None else [self._pending]
+        frames = []
+        if ready is not None:
+            frame, encoded = ready
+            frames.append((len(tokens), encoded))
+            tokens.append(special.image)
+        if not tokens:
+            return
+        self._check_positions(len(tokens))
+        logits = self.runner.feed(self._session, tokens, frames)
+        self._pending = None
+        if ready is not None:
+            frame, encoded = ready
+            self._newest = FrameRef(encoded.frame_index, frame.stamp, frame.frame_id,
+                                    frame.arrival_ts)
+            if self._round.first_frame_index < 0:
+                self._round.first_frame_index = encoded.frame_index
+        token = self._sample(logits)
+        if ready is not None and token == special.silence and self._mode == SILENT:
+            self._count_silent_frame()
+        self._on_token(token)
+
+    def _do_question(self, question: Question) -> None:
+        tokens = [] if self._pending is None else [self._pending]
+        self._end_round(END_INTERRUPTED if self._utterance else END_SILENCE)
+        self._set_mode(SILENT)
+        tokens += self.runner.tokenize(grammar.question_text(question.text))
+        self._round = _Round(question.round_id, question.request_id, question.text,
+                             question.submit_ts)
+        self._emit(RoundEvent(question.round_id, question.request_id, 'started',
+                              question=question.text))
+        try:
+            self._check_positions(len(tokens))
+            logits = self.runner.feed(self._session, tokens)
+        except ValueError as exc:
+            self._pending = None
+            self._emit(ErrorEvent(f'question rejected: {exc}', round_id=question.round_id))
+            self._end_round(END_ERROR)
+            self._do_reset('question did not fit the context')
+            return
+        self._pending = None
+        self._history.clear()
+        self._on_token(self._sample(logits))
+
+    def _do_reset(self, reason: str) -> None:
+        self._end_round(END_RESET)
+        self._cancel_pending(END_RESET)
+        self._evicted_before += self._session.num_evicted_frames if self._session else 0
+        if self._session is not None:
+            self._session.num_evicted_frames = 0
+        self._reset_state()
+        with self._cv:
+            self._limiter.reset()
+        self._emit(SessionResetEvent(reason))
+        logits = self.runner.start_session(self._session, self.config.system_prompt)
+        self._on_token(self._sample(logits))
+
+    def _check_positions(self, n: int) -> None:
+        if self._session.next_pos + n + 8 >= self.runner.max_positions:
+            log.warning('text positions reached the model limit (%d): session reset',
+                        self.runner.max_positions)
+            self._do_reset('position limit reached')
+
+    # ------------------------------------------------------------------ tokens and rounds
+    def _on_token(self, token: int) -> None:
+        special = self.runner.special
+        if token == special.silence:
+            if self._utterance is not None:
+                self._finish_utterance(END_SILENCE, is_final=False)
+            self._set_mode(SILENT)
+            self._pending = token
+            return
+        if self._mode == SILENT:
+            self._set_mode(SPEAKING)
+        if self._utterance is None:
+            self._utterance = _Utterance(self._round.num_utterances,
+                                         first_frame_index=self._oldest_frame_index())
+            self._round.silent_frames = 0
+        self._pending = token
+        self._history.append(token)
+        utt = self._utterance
+        utt.ids.append(token)
+        text = self.runner.decode(utt.ids)
+        stable = text.rstrip('\ufffd')  # hold back an incomplete UTF-8 sequence
+        delta = stable[utt.emitted_chars:]
+        utt.emitted_chars = max(utt.emitted_chars, len(stable))
+        now = time.monotonic()
+        rnd = self._round
+        if rnd.num_tokens == 0:
+            rnd.first_token_ts = now
+        rnd.last_token_ts = now
+        self._emit(TokenEvent(rnd.round_id, rnd.request_id, utt.index, rnd.num_tokens, token,
+                              delta, self._newest, now))
+        rnd.num_tokens += 1
+        limit = self.config.sampling.max_new_tokens
+        if len(utt.ids) >= limit or (rnd.round_id and rnd.num_tokens >= limit):
+            self._pending = special.silence  # forced: yield until the next frame
+            if rnd.round_id:
+                self._end_round(END_MAX_TOKENS)
+            else:
+                self._finish_utterance(END_MAX_TOKENS, is_final=False)
+            self._set_mode(SILENT)
+
+    def _set_mode(self, mode: str) -> None:
+        if mode == self._mode:
+            return
+        now = time.monotonic()
+        self._emit(SilenceEvent(self._round.round_id, mode == SILENT, self._newest.frame_index,
+                                now - self._mode_since, self._newest))
+        self._mode, self._mode_since = mode, now
+
+    def _oldest_frame_index(self) -> int:
+        cached = self._session.vision_cache.frame_indices() if self._session else []
+        return cached[0] if cached else -1
+
+    def _finish_utterance(self, reason: str, is_final: bool) -> None:
+        utt, rnd = self._utterance, self._round
+        self._utterance = None
+        text = self.runner.decode(utt.ids)
+        rnd.num_utterances += 1
+        rnd.last_text = text
+        self._emit(AnswerEvent(rnd.round_id, rnd.request_id, utt.index, rnd.question, text,
+                               is_final, reason, utt.first_frame_index,
+                               self._newest.frame_index, self._newest))
+
+    def _count_silent_frame(self) -> None:
+        rnd = self._round
+        if rnd.round_id == 0:
+            return
+        rnd.silent_frames += 1
+        limit = self.config.round_close_after_frames
+        if limit and rnd.silent_frames >= limit:
+            self._end_round(END_SILENCE)
+
+    def _end_round(self, reason: str) -> None:
+        rnd = self._round
+        if rnd.round_id == 0:
+            if self._utterance is not None:
+                self._finish_utterance(reason, is_final=False)
+            return
+        if self._utterance is not None:
+            self._finish_utterance(reason, is_final=True)
+        else:
+            revision = max(rnd.num_utterances - 1, 0)
+            self._emit(AnswerEvent(rnd.round_id, rnd.request_id, revision, rnd.question,
+                                   rnd.last_text, True, reason, self._oldest_frame_index(),
+                                   self._newest.frame_index, self._newest))
+        self._record_metrics(rnd)
+        s = self.stats_data
+        if reason in (END_ERROR,):
+            s.num_rounds_failed += 1
+        elif rnd.num_utterances or reason in (END_SILENCE, END_MAX_TOKENS, END_INTERRUPTED):
+            s.num_rounds_answered += 1
+        else:
+            s.num_rounds_cancelled += 1
+        self._emit(RoundEvent(rnd.round_id, rnd.request_id, 'ended', reason, rnd.question))
+        self._round = _Round()
+
+    def _record_metrics(self, rnd: _Round) -> None:
+        m = RoundMetrics(rnd.round_id, num_tokens=rnd.num_tokens)
+        if rnd.num_tokens:
+            m.ttft_sec = rnd.first_token_ts - rnd.submit_ts
+            if rnd.num_tokens > 1:
+                m.itl_sec = (rnd.last_token_ts - rnd.first_token_ts) / (rnd.num_tokens - 1)
+            if self._newest.arrival_ts:
+                m.frame_lag_sec = rnd.last_token_ts - self._newest.arrival_ts
+        self.stats_data.last_metrics = m
+
+    def _cancel(self, question: Question, reason: str) -> None:
+        self.stats_data.num_rounds_cancelled += 1
+        self._emit(RoundEvent(question.round_id, question.request_id, 'cancelled', reason,
+                              question.text))
+
+    def _cancel_pending(self, reason: str) -> None:
+        with self._cv:
+            pending = list(self._questions)
+            self._questions.clear()
+        for q in pending:
+            self._cancel(q, reason if reason != END_CANCELLED else 'cancelled')

@@ -1,0 +1,166 @@
+"""Inputs to and events out of the streaming engine.
+
+Pure module (no torch, no rclpy). ``stamp`` is the camera/sim time of a frame, an opaque value
+copied untouched from input to output (the ROS layer uses ``builtin_interfaces/Time``);
+``*_ts`` values are ``time.monotonic()`` seconds inside the engine. They are never mixed.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+# Why an utterance or round ended (Answer.end_reason).
+END_SILENCE = 'silence'
+END_INTERRUPTED = 'interrupted'
+END_MAX_TOKENS = 'max_new_tokens'
+END_CANCELLED = 'cancelled'
+END_RESET = 'reset'
+END_ERROR = 'error'
+END_SHUTDOWN = 'shutdown'
+
+
+@dataclass
+class Frame:
+    """One camera frame for the engine.
+
+    :ivar image: uint8 array of shape (height, width, 3), RGB channel order.
+    :ivar stamp: the input header stamp, copied to every output it conditions.
+    :ivar frame_id: the camera's TF frame.
+    :ivar arrival_ts: ``time.monotonic()`` when the frame was received, seconds.
+    """
+
+    image: Any
+    stamp: Any = None
+    frame_id: str = ''
+    arrival_ts: float = 0.0
+
+
+@dataclass
+class Question:
+    """A user question; ``round_id`` is assigned by :meth:`StreamingEngine.submit_question`."""
+
+    text: str
+    request_id: str = ''
+    round_id: int = 0
+    submit_ts: float = 0.0
+
+
+@dataclass
+class FrameRef:
+    """Where an output came from: the newest frame that conditioned it."""
+
+    frame_index: int = -1
+    stamp: Any = None
+    frame_id: str = ''
+    arrival_ts: float = 0.0
+
+
+@dataclass
+class TokenEvent:
+    """One streamed token (maps to ``mossv_ros/Token``)."""
+
+    round_id: int
+    request_id: str
+    utterance_index: int
+    token_index: int
+    token_id: int
+    text: str
+    source: FrameRef = field(default_factory=FrameRef)
+    emit_ts: float = 0.0
+
+
+@dataclass
+class SilenceEvent:
+    """The model went silent (``is_silent``) or resumed speaking (maps to ``mossv_ros/Silence``).
+
+    :ivar previous_duration_sec: how long the previous state lasted, engine seconds.
+    """
+
+    round_id: int
+    is_silent: bool
+    frame_index: int
+    previous_duration_sec: float
+    source: FrameRef = field(default_factory=FrameRef)
+
+
+@dataclass
+class AnswerEvent:
+    """A complete utterance of a round: revision 0 is the answer, 1.. later revisions."""
+
+    round_id: int
+    request_id: str
+    revision: int
+    question: str
+    text: str
+    is_final: bool
+    end_reason: str
+    first_frame_index: int
+    last_frame_index: int
+    source: FrameRef = field(default_factory=FrameRef)
+
+
+@dataclass
+class RoundEvent:
+    """A round (question) started, ended or was cancelled.
+
+    :ivar kind: 'started', 'ended' or 'cancelled'.
+    :ivar reason: one of the ``END_*`` strings for 'ended'/'cancelled'.
+    """
+
+    round_id: int
+    request_id: str
+    kind: str
+    reason: str = ''
+    question: str = ''
+
+
+@dataclass
+class SessionResetEvent:
+    """The session was cleared (vision cache and dialogue); ``reason`` says why."""
+
+    reason: str
+
+
+@dataclass
+class ErrorEvent:
+    """An error inside the engine. ``fatal``: the engine thread stopped (state ERROR)."""
+
+    message: str
+    fatal: bool = False
+    round_id: int = 0
+
+
+@dataclass
+class RoundMetrics:
+    """Per-round serving metrics, from monotonic clocks, no device sync on the hot path.
+
+    :ivar ttft_sec: question accepted -> first answer token emitted, seconds.
+    :ivar itl_sec: mean inter-token latency of the round so far, seconds.
+    :ivar frame_lag_sec: emit time - arrival time of the newest frame used, seconds.
+    """
+
+    round_id: int = 0
+    ttft_sec: float = float('nan')
+    itl_sec: float = float('nan')
+    frame_lag_sec: float = float('nan')
+    num_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    """Snapshot of engine counters for Status (all counts since engine start)."""
+
+    state: str = 'unloaded'
+    model_name: str = 'none'
+    current_round_id: int = 0
+    num_frames_received: int = 0
+    num_frames_cached: int = 0
+    num_frames_evicted: int = 0
+    num_dropped_frames: int = 0
+    num_frames_encoded: int = 0
+    cache_bytes: int = 0
+    num_context_tokens: int = 0
+    num_rounds_started: int = 0
+    num_rounds_answered: int = 0
+    num_rounds_cancelled: int = 0
+    num_rounds_failed: int = 0
+    last_error: str = ''
+    last_metrics: Optional[RoundMetrics] = None

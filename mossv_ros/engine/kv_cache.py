@@ -1,0 +1,185 @@
+"""Preallocated caches: the text KV cache and the per-frame cross-attention vision cache.
+
+Slot metadata (positions, frame indices) is mirrored on the host, so building masks never
+synchronizes with the device.
+"""
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+
+class CacheFullError(RuntimeError):
+    """Raised when a write would exceed a cache's preallocated capacity."""
+
+
+class TextKVCache:
+    """Self-attention K/V of the text layers, append-only with middle eviction.
+
+    Keys are stored post-RoPE at absolute positions, so evicting tokens needs no re-rotation.
+
+    :param num_layers: number of self-attention layers (32 at 11B).
+    :param capacity: tokens (``max_context_tokens``).
+    Storage: k, v of shape (num_layers, 1, num_kv_heads, capacity, head_dim).
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device) -> None:
+        shape = (num_layers, 1, num_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.length = 0
+        self.positions = np.full(capacity, -1, dtype=np.int64)
+        self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * self.k.element_size()
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Write new rows for one layer at ``start``; return keys/values up to the new end.
+
+        :param k: (1, num_kv_heads, n, head_dim). :raises CacheFullError: past capacity.
+        """
+        end = start + k.shape[2]
+        if end > self.capacity:
+            raise CacheFullError(f'text KV cache full: {end} > {self.capacity} tokens')
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def commit(self, n: int, positions) -> None:
+        """Advance the length by ``n`` rows written at ``positions`` (host values)."""
+        self.positions[self.length:self.length + n] = np.asarray(positions, dtype=np.int64)
+        self.length += n
+
+    def evict_middle(self, keep_prefix: int, num_evict: int) -> int:
+        """Drop ``num_evict`` tokens after the first ``keep_prefix``; return how many went."""
+        num_evict = max(0, min(num_evict, self.length - keep_prefix))
+        if num_evict == 0:
+            return 0
+        src = slice(keep_prefix + num_evict, self.length)
+        dst = slice(keep_prefix, self.length - num_evict)
+        self.k[:, :, :, dst] = self.k[:, :, :, src].clone()
+        self.v[:, :, :, dst] = self.v[:, :, :, src].clone()
+        self.positions[dst] = self.positions[src].copy()
+        self.length -= num_evict
+        return num_evict
+
+    def clear(self) -> None:
+        self.length = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return self.length * self.bytes_per_token
+
+
+class VisionCache:
+    """Cross-attention K/V per frame for all cross layers, stored with the KV heads only.
+
+    Each frame occupies one slot of ``tokens_per_frame`` rows; keys are post-RoPE (at the
+    frame's ``<|image|>`` position ``p_f``) and post-k_norm (moss-model.md sections 4.3, 7.1).
+    Attention is order-free over keys, so an evicted slot is simply reused.
+
+    Storage: k, v of shape (num_cross_layers, 1, num_kv_heads, capacity * T, head_dim);
+    3.16 MiB per frame at 11B bf16 (section 8.1).
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, tokens_per_frame: int,
+                 head_dim: int, capacity: int, dtype: torch.dtype, device) -> None:
+        shape = (num_layers, 1, num_kv_heads, capacity * tokens_per_frame, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.tokens_per_frame = tokens_per_frame
+        self.capacity = capacity
+        self.slot_pos = np.full(capacity, -1, dtype=np.int64)  # p_f per slot, -1 = free
+        self.slot_frame_index = np.full(capacity, -1, dtype=np.int64)
+        self.high_water = 0
+        self.num_frames = 0
+        self.bytes_per_frame = (2 * num_layers * num_kv_heads * tokens_per_frame * head_dim
+                                * self.k.element_size())
+        self.device = device
+
+    def free_slot(self) -> Optional[int]:
+        """A free slot index, or None when the cache is full."""
+        free = np.flatnonzero(self.slot_pos[:self.high_water] < 0)
+        if free.size:
+            return int(free[0])
+        if self.high_water < self.capacity:
+            return self.high_water
+        return None
+
+    def choose_victim(self, policy: str, num_sinks: int) -> int:
+        """Slot to evict: the oldest frame, sparing the first ``num_sinks`` for 'sink_window'."""
+        used = np.flatnonzero(self.slot_pos[:self.high_water] >= 0)
+        if used.size == 0:
+            raise CacheFullError('no frame to evict')
+        order = used[np.argsort(self.slot_frame_index[used])]
+        if policy == 'sink_window' and order.size > num_sinks:
+            return int(order[num_sinks])
+        return int(order[0])
+
+    def insert(self, slot: int, keys: torch.Tensor, values: torch.Tensor, position: int,
+               frame_index: int) -> None:
+        """Store one frame.
+
+        :param keys: (num_cross_layers, num_kv_heads, T, head_dim), finalized (RoPE + k_norm).
+        """
+        t = self.tokens_per_frame
+        rows = slice(slot * t, (slot + 1) * t)
+        self.k[:, 0, :, rows] = keys
+        self.v[:, 0, :, rows] = values
+        if self.slot_pos[slot] < 0:
+            self.num_frames += 1
+        self.slot_pos[slot] = position
+        self.slot_frame_index[slot] = frame_index
+        self.high_water = max(self.high_water, slot + 1)
+
+    def evict(self, slot: int) -> int:
+        """Free a slot; return the evicted frame index."""
+        frame_index = int(self.slot_frame_index[slot])
+        if self.slot_pos[slot] >= 0:
+            self.num_frames -= 1
+        self.slot_pos[slot] = -1
+        self.slot_frame_index[slot] = -1
+        return frame_index
+
+    def clear(self) -> None:
+        self.slot_pos[:] = -1
+        self.slot_frame_index[:] = -1
+        self.high_water = 0
+        self.num_frames = 0
+
+    def frame_indices(self) -> List[int]:
+        """Cached frame indices, oldest first."""
+        used = self.slot_frame_index[self.slot_pos >= 0]
+        return sorted(int(i) for i in used)
+
+    def layer_kv(self, layer: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of one cross layer over the used slots: (1, kv_heads, slots*T, hd)."""
+        end = self.high_water * self.tokens_per_frame
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def visibility(self, positions) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Cumulative cross-attention mask for text rows (moss-model.md section 5.5).
+
+        A row at position p sees the cached frames with ``p_f <= p``.
+
+        :param positions: host sequence of the rows' text positions.
+        :returns: (mask, row_sees_frame): bool (rows, slots*T) with True = attend (None when
+            every row sees every used slot) and bool (rows,) (None when every row sees a frame).
+            Rows that see nothing get an all-True mask row; the caller skips them.
+        """
+        if self.num_frames == 0:
+            return None, None
+        pos = np.asarray(positions, dtype=np.int64)
+        slot_pos = self.slot_pos[:self.high_water]
+        vis = (slot_pos[None, :] >= 0) & (slot_pos[None, :] <= pos[:, None])  # (rows, slots)
+        sees = vis.any(axis=1)
+        if vis.all():
+            return None, None
+        vis[~sees] = True
+        mask = torch.from_numpy(np.repeat(vis, self.tokens_per_frame, axis=1)).to(self.device)
+        row_sees = None if sees.all() else torch.from_numpy(sees).to(self.device)
+        return mask, row_sees
+
+    @property
+    def used_bytes(self) -> int:
+        return self.num_frames * self.bytes_per_frame

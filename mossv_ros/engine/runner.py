@@ -1,0 +1,240 @@
+"""Model runner: owns the model, tokenizer, device and dtype; exposes encode/prefill/decode.
+
+A :class:`Session` holds one stream's caches (text KV cache, vision cache) and its next text
+position; the runner's methods act on a session. No threads here (see :mod:`.engine`).
+"""
+from dataclasses import dataclass
+import logging
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import prompt as grammar
+from .checkpoint import (CheckpointError, DTYPE_MAP, load_hf_model, load_tokenizer,
+                         resolve_special_ids)
+from .config import EngineConfig
+from .kv_cache import TextKVCache, VisionCache
+from .moss_video import MossVideoModel
+from .preprocess import to_pixel_values
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodedFrame:
+    """A frame after the vision tower, projector and cross k/v projections.
+
+    :ivar keys: (num_cross_layers, num_kv_heads, T, head_dim), before RoPE and k_norm.
+    :ivar values: same shape.
+    :ivar ready_event: CUDA event recorded on the encoder stream (None on CPU).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    frame_index: int = -1
+    ready_event: object = None
+
+
+class Session:
+    """Caches and positions of one stream (moss-model.md section 7.1)."""
+
+    def __init__(self, runner: 'ModelRunner', max_frames: int, max_context_tokens: int):
+        model = runner.model
+        self.kv_cache = TextKVCache(len(model.self_layer_ids), model.num_kv_heads,
+                                    model.head_dim, max_context_tokens, model.dtype,
+                                    model.device)
+        self.vision_cache = VisionCache(len(model.cross_layer_ids), model.num_kv_heads,
+                                        model.tokens_per_frame, model.head_dim, max_frames,
+                                        model.dtype, model.device)
+        self.next_pos = 0
+        self.prefix_tokens = 0  # tokens never evicted from the text cache (session prefix)
+        self.num_evicted_frames = 0
+        self.num_evicted_tokens = 0
+
+    def clear(self) -> None:
+        self.kv_cache.clear()
+        self.vision_cache.clear()
+        self.next_pos = 0
+        self.prefix_tokens = 0
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.kv_cache.used_bytes + self.vision_cache.used_bytes
+
+
+def pick_attn_implementation(requested: str, device: str) -> str:
+    """Resolve 'auto': FlashAttention-2 with CUDA and ``flash_attn`` installed, else SDPA."""
+    if requested != 'auto':
+        if requested == 'flash_attention_2':
+            try:
+                import flash_attn  # noqa: F401
+            except ImportError as exc:
+                raise ValueError('engine.attn_implementation=flash_attention_2 but the '
+                                 'flash_attn package is not installed') from exc
+            if not device.startswith('cuda'):
+                raise ValueError('engine.attn_implementation=flash_attention_2 needs CUDA')
+        return requested
+    if device.startswith('cuda'):
+        try:
+            import flash_attn  # noqa: F401
+            return 'flash_attention_2'
+        except ImportError:
+            pass
+    return 'sdpa'
+
+
+class ModelRunner:
+    """Loads a checkpoint and runs the MOSS forward for sessions.
+
+    :param config: engine config; ``model_path`` must be a checkpoint directory.
+    :param progress: optional ``progress(done, total)`` callback for weight loading.
+    :raises CheckpointError: invalid checkpoint directory (clear message).
+    :raises ValueError: invalid device or attention implementation.
+    """
+
+    def __init__(self, config: EngineConfig,
+                 progress: Optional[Callable[[int, int], None]] = None) -> None:
+        config.validate()
+        path = Path(config.model_path)
+        if not config.model_path or not path.is_dir():
+            raise CheckpointError(f'model.path {config.model_path!r} is not a directory')
+        if config.device.startswith('cuda') and not torch.cuda.is_available():
+            raise ValueError(f'engine.device={config.device!r} but CUDA is not available')
+        if config.trust_remote_code:
+            log.warning('trust_remote_code is on: the tokenizer may execute code from %s',
+                        path)
+        self.config = config
+        dtype = DTYPE_MAP[config.dtype]
+        impl = pick_attn_implementation(config.attn_implementation, config.device)
+        self.tokenizer = load_tokenizer(path, config.trust_remote_code)
+        self.special = resolve_special_ids(self.tokenizer)
+        hf_model, extras = load_hf_model(path, dtype, config.device, progress)
+        self.model = MossVideoModel(hf_model, impl, extras['pool_stride'])
+        self.attn_implementation = impl
+        self.tile_px = self.model.vision_config.image_size
+        self.vocab_size = self.model.text_config.vocab_size
+        self.max_positions = self.model.text_config.max_position_embeddings
+        self.encoder_stream = (torch.cuda.Stream(device=config.device)
+                               if config.device.startswith('cuda') else None)
+        if self.special.image < self.vocab_size:
+            log.warning('<|image|> id %d is generable (vocab %d)', self.special.image,
+                        self.vocab_size)
+
+    # ------------------------------------------------------------------ text helpers
+    def tokenize(self, text: str) -> List[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def suppressed_ids(self) -> List[int]:
+        """Ids never sampled in real-time mode (moss-model.md section 7.4 step 2)."""
+        s = self.special
+        return [s.video, s.image, s.bos, s.start_header, s.end_header, s.eot, s.ellipsis]
+
+    def new_session(self, max_frames: Optional[int] = None,
+                    max_context_tokens: Optional[int] = None) -> Session:
+        return Session(self, max_frames or self.config.max_frames,
+                       max_context_tokens or self.config.max_context_tokens)
+
+    # ------------------------------------------------------------------ vision
+    def pixel_values(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """RGB uint8 images -> float tensor (N, 3, tile, tile) on the model device."""
+        arr = np.stack([to_pixel_values(im, self.tile_px) for im in images])
+        return torch.from_numpy(arr).to(self.model.device, self.model.dtype)
+
+    @torch.no_grad()
+    def encode_frames(self, images: Sequence[np.ndarray]) -> List[EncodedFrame]:
+        """Vision tower + pooling + projector + cross k/v for a chunk of frames.
+
+        On CUDA this runs on the runner's encoder stream and records an event, so it overlaps
+        with decoding on the default stream (moss-model.md section 7.3).
+        """
+        if self.encoder_stream is None:
+            return self._encode(images)
+        with torch.cuda.stream(self.encoder_stream):
+            frames = self._encode(images)
+            for frame in frames:
+                frame.ready_event = torch.cuda.Event()
+                frame.ready_event.record(self.encoder_stream)
+        return frames
+
+    def _encode(self, images):
+        states = self.model.encode_vision(self.pixel_values(images))  # (N, T, hidden)
+        keys, values = self.model.cross_kv(states)  # (L, N, kv_heads, T, head_dim)
+        return [EncodedFrame(keys[:, i].contiguous(), values[:, i].contiguous())
+                for i in range(states.shape[0])]
+
+    def insert_frame(self, session: Session, frame: EncodedFrame, position: int,
+                     frame_index: int) -> Optional[int]:
+        """Put an encoded frame into the vision cache at ``<|image|>`` position ``position``.
+
+        Evicts per ``cache.eviction_policy`` when the cache (or ``max_memory_bytes``) is full.
+        :returns: the evicted frame index, or None.
+        """
+        if frame.ready_event is not None:
+            torch.cuda.current_stream().wait_event(frame.ready_event)
+        cache = session.vision_cache
+        evicted = None
+        slot = cache.free_slot()
+        if slot is None:
+            slot = cache.choose_victim(self.config.eviction_policy, self.config.num_sink_frames)
+            evicted = cache.evict(slot)
+            session.num_evicted_frames += 1
+        cache.insert(slot, self.model.finalize_keys(frame.keys, position), frame.values,
+                     position, frame_index)
+        cap = self.config.max_memory_bytes
+        while cap and session.cache_bytes > cap and cache.num_frames > 1:
+            victim = cache.choose_victim(self.config.eviction_policy,
+                                         self.config.num_sink_frames)
+            evicted = cache.evict(victim)
+            session.num_evicted_frames += 1
+        return evicted
+
+    # ------------------------------------------------------------------ text
+    @torch.no_grad()
+    def feed(self, session: Session, token_ids: Sequence[int],
+             frames: Sequence[Tuple[int, EncodedFrame]] = (),
+             all_logits: bool = False) -> torch.Tensor:
+        """Feed tokens (prefill when many, a decode step when one or two).
+
+        :param token_ids: ids to append; ``<|image|>`` tokens listed in ``frames`` carry frames.
+        :param frames: (offset into ``token_ids``, encoded frame) pairs; each offset must hold
+            the ``<|image|>`` id. Frames are inserted before the forward with ``p_f`` = that
+            token's position (moss-model.md section 7.2).
+        :returns: float32 logits (vocab,) of the last row, or (len, vocab) with ``all_logits``.
+        """
+        n = len(token_ids)
+        self._make_room(session, n)
+        start = session.next_pos
+        for offset, frame in frames:
+            if token_ids[offset] != self.special.image:
+                raise ValueError(f'token {offset} is not <|image|>')
+            self.insert_frame(session, frame, start + offset, frame.frame_index)
+        ids = torch.tensor([list(token_ids)], dtype=torch.long)
+        positions = torch.arange(start, start + n, dtype=torch.long)
+        logits = self.model.forward_text(ids, positions, session.kv_cache,
+                                         session.vision_cache, all_logits=all_logits)
+        session.next_pos += n
+        return logits[0] if all_logits else logits[0, -1]
+
+    def _make_room(self, session: Session, n: int) -> None:
+        cache = session.kv_cache
+        if cache.length + n <= cache.capacity:
+            return
+        if session.prefix_tokens + n > cache.capacity // 2:
+            raise ValueError(f'{n} tokens do not fit the text context budget '
+                             f'({cache.capacity} tokens)')
+        want = max(n, (cache.capacity - session.prefix_tokens) // 4)
+        session.num_evicted_tokens += cache.evict_middle(session.prefix_tokens, want)
+
+    def start_session(self, session: Session, system_prompt: str = '') -> torch.Tensor:
+        """Prefill BOS + system prompt + empty user turn + assistant header (section 7.4.1)."""
+        session.clear()
+        ids = self.tokenize(grammar.session_start_text(system_prompt
+                                                       or grammar.REALTIME_SYSTEM_PROMPT))
+        logits = self.feed(session, ids)
+        session.prefix_tokens = len(ids)
+        return logits

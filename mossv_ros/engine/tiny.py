@@ -1,0 +1,167 @@
+"""Tiny checkpoints of the MOSS architecture, written to disk like a real one.
+
+The configuration is moss-model.md section 9: 112 px frames (7 pad tokens, as at 11B), 4x4
+pooling to 5 tokens per frame, GQA group 2, llama3 RoPE scaling, cross layers [1, 3], and the
+special-token ids laid out like the real vocabulary (``<|video|>`` = vocab - 1,
+``<|image|>`` = vocab, embeddable but not generable).
+"""
+import json
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+from . import prompt as grammar
+from .checkpoint import _legacy_key
+
+#: Special-token ids of the tiny vocabulary (moss-model.md section 9); 0-255 are bytes.
+TINY_SPECIAL_TOKENS: Dict[str, int] = {
+    grammar.BOS: 256,
+    '<|end_of_text|>': 257,
+    '<|finetune_right_pad_id|>': 258,
+    grammar.START_HEADER: 259,
+    grammar.END_HEADER: 260,
+    grammar.EOT: 261,
+    grammar.SILENCE: 262,
+    grammar.ELLIPSIS: 263,
+    **{f'<|reserved_special_token_{i}|>': 260 + i for i in range(4, 11)},
+    grammar.VIDEO: 271,
+    grammar.IMAGE: 272,
+}
+TINY_VOCAB_SIZE = 272  # lm_head rows; embeddings have vocab + 8 rows
+
+
+def tiny_config_dict(image_size: int = 112, vision_hidden: int = 32, text_hidden: int = 64,
+                     text_layers: int = 5, cross_layers=(1, 3), intermediate: int = 128,
+                     vision_layers: int = 4, global_layers: int = 2, heads: int = 4,
+                     kv_heads: int = 2, vision_heads: int = 2) -> dict:
+    """config.json contents in the published MOSS layout (model_type 'video_mllama')."""
+    inter_idx = [1, 3] if vision_layers >= 4 else [1]
+    return {
+        'architectures': ['VideoMllamaForConditionalGeneration'],
+        'model_type': 'video_mllama',
+        'pool_mode': 'average',
+        'pool_stride': 4,
+        'image_token_index': TINY_SPECIAL_TOKENS[grammar.IMAGE],
+        'silence_token_id': TINY_SPECIAL_TOKENS[grammar.SILENCE],
+        'torch_dtype': 'float32',
+        'text_config': {
+            'model_type': 'mllama_text_model',
+            'vocab_size': TINY_VOCAB_SIZE, 'hidden_size': text_hidden,
+            'num_attention_heads': heads, 'num_key_value_heads': kv_heads,
+            'intermediate_size': intermediate, 'num_hidden_layers': text_layers,
+            'cross_attention_layers': list(cross_layers), 'rms_norm_eps': 1e-5,
+            'rope_theta': 500000.0,
+            'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
+                             'high_freq_factor': 4.0, 'original_max_position_embeddings': 64},
+            'max_position_embeddings': 4096,
+            'bos_token_id': TINY_SPECIAL_TOKENS[grammar.BOS],
+            'eos_token_id': TINY_SPECIAL_TOKENS[grammar.EOT],
+            'pad_token_id': TINY_SPECIAL_TOKENS['<|finetune_right_pad_id|>'],
+            'tie_word_embeddings': False,
+        },
+        'vision_config': {
+            'model_type': 'mllama_vision_model',
+            'hidden_size': vision_hidden, 'attention_heads': vision_heads,
+            'intermediate_size': 2 * vision_hidden, 'num_hidden_layers': vision_layers,
+            'num_global_layers': global_layers, 'image_size': image_size, 'patch_size': 14,
+            'max_num_tiles': 4, 'intermediate_layers_indices': inter_idx,
+            'vision_output_dim': vision_hidden * (1 + len(inter_idx)), 'norm_eps': 1e-5,
+        },
+    }
+
+
+def _bytes_to_unicode() -> Dict[int, str]:
+    """GPT-2's reversible byte -> printable-unicode table used by byte-level BPE."""
+    bs = (list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1))
+          + list(range(ord('®'), ord('ÿ') + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def build_byte_tokenizer(special_tokens: Dict[str, int] = TINY_SPECIAL_TOKENS):
+    """A byte-level tokenizer (``tokenizers`` library): id = byte value for 0-255, then the
+    special tokens at the ids given."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, Tokenizer
+
+    table = _bytes_to_unicode()
+    vocab = {table[b]: b for b in range(256)}
+    vocab.update(special_tokens)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(name, special=True, normalized=False)
+                            for name in sorted(special_tokens, key=special_tokens.get)])
+    return tok
+
+
+def write_tokenizer(path: Path, special_tokens: Dict[str, int] = TINY_SPECIAL_TOKENS) -> None:
+    """Write tokenizer.json and tokenizer_config.json loadable by ``AutoTokenizer``."""
+    path.mkdir(parents=True, exist_ok=True)
+    build_byte_tokenizer(special_tokens).save(str(path / 'tokenizer.json'))
+    (path / 'tokenizer_config.json').write_text(json.dumps({
+        'tokenizer_class': 'PreTrainedTokenizerFast',
+        'bos_token': grammar.BOS, 'eos_token': grammar.EOT,
+        'pad_token': '<|finetune_right_pad_id|>', 'model_max_length': 4096,
+        'clean_up_tokenization_spaces': False,
+    }, indent=2))
+
+
+def build_tiny_model(config_dict: dict, seed: int = 0, gate_value: float = 0.5,
+                     init_std: float = 0.02):
+    """A randomly initialized stock ``MllamaForConditionalGeneration`` (float32).
+
+    Stock init sets every gate to zero, which hides cross-attention bugs; all gates are set to
+    ``gate_value`` (moss-model.md section 9, test hygiene).
+    """
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    config = MllamaConfig(text_config=config_dict['text_config'],
+                          vision_config=config_dict['vision_config'],
+                          image_token_index=config_dict['image_token_index'])
+    config.text_config.initializer_range = init_std
+    config.vision_config.initializer_range = init_std
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(('gate', 'gate_attn', 'gate_ffn', 'cross_attn_attn_gate',
+                              'cross_attn_mlp_gate')) and param.numel() == 1:
+                param.fill_(gate_value)
+    return model
+
+
+def write_tiny_checkpoint(path, seed: int = 0, layout: str = 'moss',
+                          config_dict: dict = None, model=None) -> Path:
+    """Write a tiny checkpoint directory: config.json, model.safetensors, tokenizer.
+
+    :param layout: 'moss' (model_type 'video_mllama', 4.46 weight names) or 'mllama'
+        (transformers 5.x names and model_type).
+    :param model: weights to save (e.g. a trained toy model); random when None.
+    :returns: the directory.
+    """
+    from safetensors.torch import save_file
+
+    if layout not in ('moss', 'mllama'):
+        raise ValueError(f'layout={layout!r}: expected moss or mllama')
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config_dict = dict(config_dict or tiny_config_dict())
+    if model is None:
+        model = build_tiny_model(config_dict, seed=seed)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    if layout == 'moss':
+        state = {_legacy_key(k): v for k, v in state.items()}
+    else:
+        config_dict['model_type'] = 'mllama'
+        config_dict['architectures'] = ['MllamaForConditionalGeneration']
+    save_file(state, str(path / 'model.safetensors'), metadata={'format': 'pt'})
+    (path / 'config.json').write_text(json.dumps(config_dict, indent=2))
+    write_tokenizer(path)
+    return path
