@@ -52,6 +52,8 @@ class EngineConfig:
     :ivar device: torch device string ('cpu', 'cuda', 'cuda:1').
     :ivar attn_implementation: text self-attention and vision tower kernel; 'auto' picks
         FlashAttention-2 when ``flash_attn`` is installed and CUDA is used, SDPA otherwise.
+    :ivar cpu_threads: torch intra-op threads on the CPU (0 = half the cores, so the encoder
+        and decode threads do not oversubscribe them).
     :ivar trust_remote_code: allow the checkpoint's own code (off; executes code from disk).
     :ivar frame_rate_hz: frames per second fed to the model (training distribution: 1.0,
         moss-model.md section 7.3).
@@ -73,6 +75,7 @@ class EngineConfig:
     device: str = 'cpu'
     attn_implementation: str = 'auto'
     trust_remote_code: bool = False
+    cpu_threads: int = 0
     frame_rate_hz: float = 1.0
     max_frames: int = 256
     num_sink_frames: int = 4
@@ -97,6 +100,8 @@ class EngineConfig:
                    "'cuda:N' with N an integer")
         _check(self.attn_implementation in ATTN_IMPLEMENTATIONS, 'engine.attn_implementation',
                self.attn_implementation, f'one of {ATTN_IMPLEMENTATIONS}')
+        _check(0 <= self.cpu_threads <= 256, 'engine.cpu_threads', self.cpu_threads,
+               'an int in [0, 256] (0 = auto)')
         _check(math.isfinite(self.frame_rate_hz) and 0.0 < self.frame_rate_hz <= 30.0,
                'frames.rate_hz', self.frame_rate_hz, 'a float in (0, 30]')
         _check(1 <= self.max_frames <= 100_000, 'cache.max_frames', self.max_frames,

@@ -106,6 +106,10 @@ class ModelRunner:
             log.warning('trust_remote_code is on: the tokenizer may execute code from %s',
                         path)
         self.config = config
+        if config.device == 'cpu':
+            # Two threads (encoder, decode) run torch ops at once; one OpenMP team each.
+            import os
+            torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 2) // 2))
         dtype = DTYPE_MAP[config.dtype]
         impl = pick_attn_implementation(config.attn_implementation, config.device)
         self.tokenizer = load_tokenizer(path, config.trust_remote_code)

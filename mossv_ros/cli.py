@@ -1,0 +1,87 @@
+"""The ``mossv-ros`` command: run the node, the demo, and ask questions.
+
+No ``ros2`` CLI exists without a distro, so these are the tools (``ros2 launch`` / ``ros2 run``
+work too on a robot with ROS 2; see README).
+"""
+import argparse
+import logging
+import os
+from pathlib import Path
+import sys
+from typing import List, Optional
+
+DEFAULT_TINY_DIR = Path(os.environ.get('MOSSV_ROS_CACHE', Path.home() / '.cache' / 'mossv_ros'))
+
+
+def default_model_dir() -> Path:
+    """The embedded default model: a tiny random checkpoint of the MOSS architecture, written
+    by this package on first use (seeded, deterministic)."""
+    from .engine.tiny import write_tiny_checkpoint
+    path = DEFAULT_TINY_DIR / 'tiny-random-seed0'
+    if not (path / 'model.safetensors').is_file():
+        write_tiny_checkpoint(path, seed=0)
+    return path
+
+
+def _ros_args(params_file: Optional[str], overrides: List[str]) -> List[str]:
+    from .ros.params import default_params_file
+    args = ['--ros-args', '--params-file', str(params_file or default_params_file())]
+    for item in overrides:
+        args += ['-p', item]
+    return args
+
+
+def cmd_run(ns) -> int:
+    overrides = []
+    if ns.model:
+        overrides.append(f'model.path:={ns.model}')
+    if ns.device:
+        overrides.append(f'engine.device:={ns.device}')
+    from .ros.node import main
+    return main(args=[sys.argv[0]] + _ros_args(ns.params_file, overrides) + ns.ros_args)
+
+
+def cmd_demo(ns) -> int:
+    from .demo import run_demo
+    return run_demo(ns)
+
+
+def cmd_ask(ns) -> int:
+    from .ros.client import ask
+    return ask(ns.prompt, node=ns.node, timeout_sec=ns.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='mossv-ros', description=__doc__)
+    sub = parser.add_subparsers(dest='command', required=True)
+    run = sub.add_parser('run', help='start the assistant node (as assistant.launch.py does)')
+    run.add_argument('--params-file', help='ROS parameters YAML (default config/assistant.yaml)')
+    run.add_argument('--model', help='checkpoint directory (overrides model.path)')
+    run.add_argument('--device', help='cpu, cuda or cuda:N (overrides engine.device)')
+    run.add_argument('ros_args', nargs=argparse.REMAINDER,
+                     help='extra ROS arguments, e.g. --ros-args -r image:=/camera/image_raw')
+    run.set_defaults(func=cmd_run)
+    demo = sub.add_parser('demo', help='the embedded default: generated clip + tiny model')
+    demo.add_argument('--video', help='play this video file instead of the generated scene')
+    demo.add_argument('--model', help='checkpoint directory (default: shipped tiny model)')
+    demo.add_argument('--question', default='What do you see?', help='scripted question')
+    demo.add_argument('--ask-at', type=float, default=3.0, help='seconds into the clip')
+    demo.add_argument('--duration', type=float, default=12.0, help='seconds of clip to play')
+    demo.add_argument('--fps', type=float, default=10.0, help='camera rate of the generated clip')
+    demo.set_defaults(func=cmd_demo)
+    ask = sub.add_parser('ask', help='ask the running assistant and print the streamed answer')
+    ask.add_argument('prompt')
+    ask.add_argument('--node', default='/mossv_assistant', help='the assistant node name')
+    ask.add_argument('--timeout', type=float, default=60.0, help='seconds to wait')
+    ask.set_defaults(func=cmd_ask)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format='[%(levelname)s] %(name)s: %(message)s')
+    ns = build_parser().parse_args(argv)
+    return int(ns.func(ns) or 0)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

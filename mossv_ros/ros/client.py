@@ -1,0 +1,83 @@
+"""Client side: ``mossv-ros ask`` and the terminal view used by the demo."""
+import time
+
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+
+
+def printable(text: str) -> str:
+    """Escape control characters so random-model output cannot garble the terminal."""
+    return ''.join(ch if ch.isprintable() or ch == '\n' else f'\\x{ord(ch):02x}'
+                   for ch in text)
+
+
+class AnswerView(Node):
+    """Subscribes to an assistant's token/silence/answer topics and prints them."""
+
+    def __init__(self, assistant: str, name: str = 'mossv_view', only_round=None, out=print):
+        super().__init__(name)
+        from mossv_ros.msg import Answer, Silence, Token
+        self.only_round = only_round
+        self.out = out
+        self.finished = set()
+        self.answers = []
+        self.create_subscription(Token, f'{assistant}/tokens', self._on_token, 100)
+        self.create_subscription(Silence, f'{assistant}/silence', self._on_silence, 10)
+        self.create_subscription(Answer, f'{assistant}/answer', self._on_answer, 10)
+
+    def _wanted(self, round_id):
+        return self.only_round is None or round_id == self.only_round
+
+    def _on_token(self, msg):
+        if self._wanted(msg.round_id):
+            self.out(printable(msg.text), end='', flush=True)
+
+    def _on_silence(self, msg):
+        if self._wanted(msg.round_id) and msg.state == msg.STATE_SILENT:
+            self.out(f'\n  [silent: observing, frame {msg.frame_index}]', flush=True)
+
+    def _on_answer(self, msg):
+        if not self._wanted(msg.round_id):
+            return
+        self.answers.append(msg)
+        tag = 'final' if msg.is_final else 'revision'
+        self.out(f'\n  [answer round {msg.round_id} rev {msg.revision} {tag}, '
+                 f'{msg.end_reason}, frames {msg.first_frame_index}-{msg.last_frame_index}]: '
+                 f'{printable(msg.text)[:200]}', flush=True)
+        if msg.is_final:
+            self.finished.add(msg.round_id)
+
+
+def ask(prompt: str, node: str = '/mossv_assistant', timeout_sec: float = 60.0) -> int:
+    """Call ``<node>/ask``; print the streamed answer until its round ends or the timeout.
+
+    :returns: 0 on a final answer, 1 when rejected, 2 on timeout.
+    """
+    from mossv_ros.srv import Ask
+    rclpy.init()
+    view = AnswerView(node, name='mossv_ask')
+    executor = SingleThreadedExecutor()
+    executor.add_node(view)
+    try:
+        client = view.create_client(Ask, f'{node}/ask')
+        if not client.wait_for_service(timeout_sec=min(timeout_sec, 15.0)):
+            print(f'no service {node}/ask (is the assistant running?)')
+            return 2
+        future = client.call_async(Ask.Request(prompt=prompt))
+        executor.spin_until_future_complete(future, timeout_sec=10.0)
+        response = future.result()
+        if response is None or not response.accepted:
+            print(f'rejected: {response.message if response else "no response"}')
+            return 1
+        print(f'[round {response.round_id}] {prompt}')
+        view.only_round = response.round_id
+        end = time.monotonic() + timeout_sec
+        while time.monotonic() < end and response.round_id not in view.finished:
+            executor.spin_once(timeout_sec=0.1)
+        print()
+        return 0 if response.round_id in view.finished else 2
+    finally:
+        executor.shutdown()
+        view.destroy_node()
+        rclpy.try_shutdown()

@@ -1,0 +1,134 @@
+"""Conversions at the ROS boundary: images in, engine events out. Translates; never decides."""
+import math
+
+import numpy as np
+
+from ..engine import events as ev
+
+#: Encodings converted to RGB; anything else is rejected with a reason.
+SUPPORTED_ENCODINGS = ('rgb8', 'bgr8', 'rgba8', 'bgra8', 'mono8', 'mono16', '8UC1', '8UC3')
+MAX_SIDE_PX = 8192  # larger images are rejected before decoding (bounded time and memory)
+
+
+class ImageError(ValueError):
+    """A malformed or unsupported image; ``kind`` groups errors for rate-limited logs."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _cv_bridge():
+    try:
+        from cv_bridge import CvBridge  # ROS 2 distro only (PyPI's copy is ROS 1)
+        return CvBridge()
+    except Exception:  # noqa: BLE001 - fall back to rosbags-image
+        return None
+
+
+def image_to_rgb(msg) -> np.ndarray:
+    """``sensor_msgs/Image`` -> uint8 (H, W, 3) RGB.
+
+    :raises ImageError: unsupported encoding, size/step/data mismatch, empty or huge image.
+    """
+    if msg.width == 0 or msg.height == 0:
+        raise ImageError('empty', 'image has zero width or height')
+    if msg.width > MAX_SIDE_PX or msg.height > MAX_SIDE_PX:
+        raise ImageError('too_large', f'{msg.width}x{msg.height} exceeds {MAX_SIDE_PX} px')
+    if msg.encoding not in SUPPORTED_ENCODINGS:
+        raise ImageError('encoding', f'unsupported encoding {msg.encoding!r}')
+    if msg.step * msg.height != len(msg.data):
+        raise ImageError('size', f'step*height={msg.step * msg.height} != {len(msg.data)} bytes')
+    from rosbags.image import message_to_cvimage
+    try:
+        image = message_to_cvimage(msg, 'rgb8')
+    except Exception as exc:  # noqa: BLE001 - library errors become a counted rejection
+        raise ImageError('convert', f'cannot convert {msg.encoding}: {exc}') from exc
+    return _as_rgb(image)
+
+
+def compressed_to_rgb(msg) -> np.ndarray:
+    """``sensor_msgs/CompressedImage`` (JPEG/PNG) -> uint8 (H, W, 3) RGB.
+
+    :raises ImageError: empty, corrupted or truncated data.
+    """
+    import cv2
+
+    data = np.frombuffer(bytes(msg.data), dtype=np.uint8)
+    if data.size == 0:
+        raise ImageError('empty', 'compressed image has no data')
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ImageError('decode', f'cannot decode {msg.format or "compressed"} data')
+    if max(bgr.shape[:2]) > MAX_SIDE_PX:
+        raise ImageError('too_large', f'{bgr.shape[1]}x{bgr.shape[0]} exceeds {MAX_SIDE_PX} px')
+    return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.dtype != np.uint8:
+        image = (image / 256).astype(np.uint8) if image.dtype == np.uint16 else \
+            np.clip(image, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def stamp_to_sec(stamp) -> float:
+    """``builtin_interfaces/Time`` -> float seconds (NaN when ``stamp`` is None)."""
+    if stamp is None:
+        return math.nan
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+def _header(msg, source: ev.FrameRef):
+    if source.stamp is not None:
+        msg.header.stamp = source.stamp
+    msg.header.frame_id = source.frame_id
+    return msg
+
+
+def token_msg(event: ev.TokenEvent):
+    from mossv_ros.msg import Token
+    msg = Token(round_id=event.round_id, request_id=event.request_id,
+                utterance_index=event.utterance_index, token_index=event.token_index,
+                token_id=event.token_id, text=event.text)
+    return _header(msg, event.source)
+
+
+def silence_msg(event: ev.SilenceEvent):
+    from mossv_ros.msg import Silence
+    msg = Silence(round_id=event.round_id,
+                  state=Silence.STATE_SILENT if event.is_silent else Silence.STATE_SPEAKING,
+                  frame_index=max(event.frame_index, 0),
+                  previous_duration_sec=float(event.previous_duration_sec))
+    return _header(msg, event.source)
+
+
+def answer_msg(event: ev.AnswerEvent):
+    from mossv_ros.msg import Answer
+    msg = Answer(round_id=event.round_id, request_id=event.request_id, revision=event.revision,
+                 question=event.question, text=event.text, is_final=event.is_final,
+                 end_reason=event.end_reason,
+                 first_frame_index=max(event.first_frame_index, 0),
+                 last_frame_index=max(event.last_frame_index, 0))
+    return _header(msg, event.source)
+
+
+STATUS_STATES = {'unloaded': 0, 'loading': 1, 'ready': 2, 'error': 3}
+
+
+def status_msg(stats: ev.EngineStats, num_invalid_frames: int, newest: ev.FrameRef):
+    from mossv_ros.msg import Status
+    m = stats.last_metrics or ev.RoundMetrics()
+    msg = Status(state=STATUS_STATES.get(stats.state, 3), state_text=stats.state,
+                 model_name=stats.model_name, current_round_id=stats.current_round_id,
+                 num_frames_received=stats.num_frames_received,
+                 num_frames_cached=stats.num_frames_cached,
+                 num_frames_evicted=stats.num_frames_evicted,
+                 num_dropped_frames=stats.num_dropped_frames,
+                 num_invalid_frames=num_invalid_frames, cache_bytes=stats.cache_bytes,
+                 num_context_tokens=stats.num_context_tokens, ttft_sec=float(m.ttft_sec),
+                 itl_sec=float(m.itl_sec), frame_lag_sec=float(m.frame_lag_sec),
+                 last_error=stats.last_error)
+    return _header(msg, newest)

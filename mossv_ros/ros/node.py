@@ -1,0 +1,295 @@
+"""The assistant lifecycle node: camera topics in; tokens, silence, answers and status out.
+
+Thin: callbacks only convert and enqueue; the engine decides. Engine events cross into the
+executor once, through a guard condition (ros2/examples ``trigger_guard_condition.py``).
+"""
+import math
+import queue
+import time
+from typing import List, Optional
+
+import rclpy
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image
+
+from . import convert
+from .params import engine_config_from_params, engine_defaults, NODE_DEFAULTS
+from ..engine import events as ev
+from ..engine.config import EngineConfig
+from ..engine.engine import StreamingEngine
+
+
+class AssistantNode(LifecycleNode):
+    """Managed node ``mossv_assistant``: configure loads the model, activate opens the I/O.
+
+    Topics (relative, remappable): subscribes ``image`` (parameter ``topics.images``) and
+    ``~/question``; publishes ``~/tokens``, ``~/silence``, ``~/answer``, ``~/status``.
+    Services: ``~/ask`` (Ask), ``~/reset`` (Reset).
+    """
+
+    def __init__(self, node_name: str = 'mossv_assistant', **kwargs) -> None:
+        super().__init__(node_name, **kwargs)
+        for name, value in {**engine_defaults(), **NODE_DEFAULTS}.items():
+            self.declare_parameter(name, value)
+        self.engine: Optional[StreamingEngine] = None
+        self.engine_config: Optional[EngineConfig] = None
+        self._io: List = []
+        self._pubs = {}
+        self._num_invalid = 0
+        self._error_log_ts = {}
+        self._last_stamp_sec = -math.inf
+        self._newest = ev.FrameRef()
+        self._requests = {}
+        self._events_cb = MutuallyExclusiveCallbackGroup()
+        self._image_cb = MutuallyExclusiveCallbackGroup()
+        self._service_cb = MutuallyExclusiveCallbackGroup()
+        self._guard = None
+        self._status_timer = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_configure(self, state) -> TransitionCallbackReturn:
+        from mossv_ros.msg import Answer, Silence, Status, Token
+        values = {name: self.get_parameter(name).value for name in engine_defaults()}
+        try:
+            config = engine_config_from_params(values)
+        except ValueError as exc:
+            self.get_logger().error(f'invalid parameters: {exc}')
+            return TransitionCallbackReturn.FAILURE
+        if config.device.startswith('cuda'):
+            import torch
+            if not torch.cuda.is_available():
+                self.get_logger().warning('engine.device is cuda but CUDA is not available: '
+                                          'using cpu and float32')
+                config.device, config.dtype = 'cpu', 'float32'
+        self.engine_config = config
+        self._pubs = {
+            'tokens': self.create_publisher(Token, '~/tokens', 100),
+            'silence': self.create_publisher(Silence, '~/silence', 10),
+            'answer': self.create_publisher(Answer, '~/answer', 10),
+            'status': self.create_publisher(Status, '~/status', 10),
+        }
+        self._guard = self.create_guard_condition(self._drain_events,
+                                                  callback_group=self._events_cb)
+        period = float(self.get_parameter('status.period_sec').value)
+        self._status_timer = self.create_timer(period, self._publish_status,
+                                               callback_group=self._events_cb)
+        if not config.model_path:
+            self.get_logger().warning('model.path is empty: running with no model loaded '
+                                      '(Status UNLOADED; Ask answers "model not loaded")')
+            return TransitionCallbackReturn.SUCCESS
+        from ..engine.checkpoint import CheckpointError
+        from ..engine.runner import ModelRunner
+        self.get_logger().info(f'loading {config.model_path} ({config.dtype} on '
+                               f'{config.device})')
+        t0 = time.monotonic()
+        try:
+            runner = ModelRunner(config)
+        except (CheckpointError, ValueError, OSError) as exc:
+            self.get_logger().error(f'cannot load model: {exc}')
+            return TransitionCallbackReturn.FAILURE
+        self.engine = StreamingEngine(config, runner=runner, on_event=self._on_engine_event)
+        self.engine.start()
+        if not self.engine.wait_ready(120.0):
+            self.get_logger().error(f'engine failed to start: {self.engine.stats().last_error}')
+            return TransitionCallbackReturn.FAILURE
+        self.get_logger().info(f'model ready in {time.monotonic() - t0:.1f} s '
+                               f'(attention: {runner.attn_implementation})')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state) -> TransitionCallbackReturn:
+        from mossv_ros.msg import Question
+        from mossv_ros.srv import Ask, Reset
+        reliability = str(self.get_parameter('qos.image_reliability').value)
+        if reliability not in ('best_effort', 'reliable'):
+            self.get_logger().error(f'qos.image_reliability={reliability!r}: expected '
+                                    'best_effort or reliable')
+            return TransitionCallbackReturn.FAILURE
+        qos = QoSProfile(depth=1, history=qos_profile_sensor_data.history,
+                         durability=qos_profile_sensor_data.durability,
+                         reliability=(ReliabilityPolicy.BEST_EFFORT if reliability ==
+                                      'best_effort' else ReliabilityPolicy.RELIABLE))
+        for topic in self.get_parameter('topics.images').value:
+            if topic:
+                self._io.append(self.create_subscription(
+                    Image, topic, self._on_image, qos, callback_group=self._image_cb))
+        for topic in self.get_parameter('topics.compressed_images').value:
+            if topic:
+                self._io.append(self.create_subscription(
+                    CompressedImage, topic, self._on_compressed, qos,
+                    callback_group=self._image_cb))
+        self._io.append(self.create_subscription(Question, '~/question', self._on_question, 10,
+                                                 callback_group=self._service_cb))
+        self._io.append(self.create_service(Ask, '~/ask', self._on_ask,
+                                            callback_group=self._service_cb))
+        self._io.append(self.create_service(Reset, '~/reset', self._on_reset,
+                                            callback_group=self._service_cb))
+        self.get_logger().info('active: listening on ' + ', '.join(
+            s.topic_name for s in self._io if hasattr(s, 'topic_name')))
+        return super().on_activate(state)
+
+    def on_deactivate(self, state) -> TransitionCallbackReturn:
+        self._close_io()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state) -> TransitionCallbackReturn:
+        self._close_io()
+        self._stop_engine()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state) -> TransitionCallbackReturn:
+        self._close_io()
+        self._stop_engine()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _close_io(self) -> None:
+        for entity in self._io:
+            if hasattr(entity, 'srv_type'):
+                self.destroy_service(entity)
+            else:
+                self.destroy_subscription(entity)
+        self._io = []
+
+    def _stop_engine(self) -> None:
+        if self.engine is not None:
+            self.engine.stop(timeout=2.0)
+            self._drain_events()
+            self.engine = None
+            try:
+                import torch
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except ImportError:
+                pass
+
+    # ------------------------------------------------------------------ inputs
+    def _rate_limited_error(self, kind: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._error_log_ts.get(kind, -math.inf) > 10.0:
+            self._error_log_ts[kind] = now
+            self.get_logger().warning(f'skipped image ({kind}): {message} '
+                                      f'[{self._num_invalid} invalid so far]')
+
+    def _on_image(self, msg: Image) -> None:
+        self._ingest(msg, convert.image_to_rgb)
+
+    def _on_compressed(self, msg: CompressedImage) -> None:
+        self._ingest(msg, convert.compressed_to_rgb)
+
+    def _ingest(self, msg, to_rgb) -> None:
+        if self.engine is None:
+            return
+        stamp_sec = convert.stamp_to_sec(msg.header.stamp)
+        if stamp_sec == 0.0:
+            stamp_sec = self.get_clock().now().nanoseconds * 1e-9
+        if stamp_sec < self._last_stamp_sec - 1e-6 and \
+                self.get_parameter('time.reset_on_backwards_stamp').value:
+            self.get_logger().warning(f'image stamp jumped backwards ({self._last_stamp_sec:.3f}'
+                                      f' -> {stamp_sec:.3f} s): resetting the session')
+            self.engine.reset('stamp jumped backwards')
+        self._last_stamp_sec = stamp_sec
+        try:
+            rgb = to_rgb(msg)
+        except convert.ImageError as exc:
+            self._num_invalid += 1
+            self._rate_limited_error(exc.kind, str(exc))
+            return
+        self.engine.submit_frame(ev.Frame(rgb, msg.header.stamp, msg.header.frame_id),
+                                 stamp_sec=stamp_sec)
+
+    def _submit(self, text: str, request_id: str):
+        if self.engine is None:
+            return False, 0, 'model not loaded (set model.path)'
+        return self.engine.submit_question(text, request_id)
+
+    def _on_ask(self, request, response):
+        response.accepted, response.round_id, response.message = self._submit(
+            request.prompt, request.request_id)
+        return response
+
+    def _on_question(self, msg) -> None:
+        accepted, round_id, message = self._submit(msg.text, msg.request_id)
+        if not accepted:
+            self.get_logger().warning(f'question {msg.request_id!r} rejected: {message}')
+            from mossv_ros.msg import Answer
+            answer = Answer(request_id=msg.request_id, question=msg.text, is_final=True,
+                            end_reason=f'rejected: {message}')
+            self._pubs['answer'].publish(answer)
+
+    def _on_reset(self, request, response):
+        if self.engine is None:
+            response.success, response.message = False, 'model not loaded'
+        else:
+            self.engine.reset('reset service')
+            response.success, response.message = True, 'session reset'
+        return response
+
+    # ------------------------------------------------------------------ outputs
+    def _on_engine_event(self, event) -> None:
+        guard = self._guard
+        if guard is not None:
+            guard.trigger()
+
+    def _drain_events(self) -> None:
+        engine = self.engine
+        if engine is None:
+            return
+        while True:
+            try:
+                event = engine.events.get_nowait()
+            except queue.Empty:
+                return
+            self._publish_event(event)
+
+    def _publish_event(self, event) -> None:
+        pubs = self._pubs
+        if isinstance(event, ev.TokenEvent):
+            self._newest = event.source
+            pubs['tokens'].publish(convert.token_msg(event))
+        elif isinstance(event, ev.SilenceEvent):
+            pubs['silence'].publish(convert.silence_msg(event))
+        elif isinstance(event, ev.AnswerEvent):
+            pubs['answer'].publish(convert.answer_msg(event))
+        elif isinstance(event, ev.RoundEvent) and event.kind == 'cancelled':
+            from mossv_ros.msg import Answer
+            pubs['answer'].publish(Answer(round_id=event.round_id, request_id=event.request_id,
+                                          question=event.question, is_final=True,
+                                          end_reason=f'cancelled: {event.reason}'))
+        elif isinstance(event, ev.ErrorEvent):
+            log = self.get_logger().error if event.fatal else self.get_logger().warning
+            log(f'engine: {event.message}')
+        elif isinstance(event, ev.SessionResetEvent):
+            self.get_logger().info(f'session reset: {event.reason}')
+
+    def _publish_status(self) -> None:
+        if 'status' not in self._pubs:
+            return
+        stats = self.engine.stats() if self.engine else ev.EngineStats(state='unloaded')
+        self._pubs['status'].publish(convert.status_msg(stats, self._num_invalid, self._newest))
+
+
+def main(args=None) -> int:
+    """Run the node unmanaged: configure and activate on its own; SIGINT shuts down cleanly."""
+    rclpy.init(args=args)
+    node = AssistantNode()
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(node)
+    code = 0
+    try:
+        if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+            node.get_logger().error('configure failed; exiting')
+            return 1
+        node.trigger_activate()
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.get_logger().info('shutting down')
+        node._close_io()
+        node._stop_engine()
+        executor.shutdown(timeout_sec=1.0)
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return code
