@@ -21,10 +21,26 @@ from typing import Callable, List, Optional
 
 from . import prompt as grammar
 from .config import EngineConfig
-from .events import (AnswerEvent, END_CANCELLED, END_ERROR, END_INTERRUPTED, END_MAX_TOKENS,
-                     END_RESET, END_SHUTDOWN, END_SILENCE, EngineStats, ErrorEvent, Frame,
-                     FrameRef, Question, RoundEvent, RoundMetrics, SessionResetEvent,
-                     SilenceEvent, TokenEvent)
+from .events import (
+    AnswerEvent,
+    END_CANCELLED,
+    END_ERROR,
+    END_INTERRUPTED,
+    END_MAX_TOKENS,
+    END_RESET,
+    END_SHUTDOWN,
+    END_SILENCE,
+    EngineStats,
+    ErrorEvent,
+    Frame,
+    FrameRef,
+    Question,
+    RoundEvent,
+    RoundMetrics,
+    SessionResetEvent,
+    SilenceEvent,
+    TokenEvent,
+)
 from .policy import FrameRateLimiter, validate_prompt
 
 log = logging.getLogger(__name__)
@@ -54,10 +70,6 @@ class _Utterance:
     ids: List[int] = field(default_factory=list)
     emitted_chars: int = 0
     first_frame_index: int = -1
-
-
-class EngineStopped(RuntimeError):
-    """Raised inside the engine thread to unwind on stop."""
 
 
 class StreamingEngine:
@@ -103,7 +115,7 @@ class StreamingEngine:
         if any(t.is_alive() for t in self._threads):
             return
         self._stop.clear()
-        self.stats_data.state = 'loading' if self.runner is None else 'ready'
+        self.stats_data.state = 'loading'  # 'ready' once the session prefill is done
         self._threads = [threading.Thread(target=self._engine_main, name='mossv-engine',
                                           daemon=True),
                          threading.Thread(target=self._encoder_main, name='mossv-encoder',
@@ -180,7 +192,6 @@ class StreamingEngine:
             self._controls.append(('reset', reason))
             self._cv.notify_all()
         if self.state == 'error':
-            self.stats_data.state = 'loading' if self.runner is None else 'ready'
             self.stats_data.last_error = ''
             self._threads = [t for t in self._threads if t.is_alive()]
             self.start()
@@ -248,9 +259,6 @@ class StreamingEngine:
             self.stats_data.state = 'ready'
             while not self._stop.is_set():
                 self.step()
-            self._end_round(END_SHUTDOWN)
-            self._cancel_pending(END_SHUTDOWN)
-        except EngineStopped:
             self._end_round(END_SHUTDOWN)
             self._cancel_pending(END_SHUTDOWN)
         except Exception as exc:  # noqa: BLE001 - top of the engine loop: report, stop cleanly

@@ -132,8 +132,16 @@ class MossVideoModel(nn.Module):
         :returns: ``cross_attention_states`` of shape (num_frames, tokens_per_frame, hidden),
             model dtype.
         """
+        return self.projector(self.pool(self.vision_features(pixel_values)))
+
+    @torch.no_grad()
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower with MOSS semantics: 1 tile, pads attended, 4.46 intermediates.
+
+        :returns: (num_frames, num_patches + 1, vision_output_dim): the global encoder output
+            followed by the intermediate states interleaved per channel (section 4.2.4).
+        """
         vm = self.vision
-        num_frames = pixel_values.shape[0]
         x = vm.patch_embedding(pixel_values.to(self.device, vm.patch_embedding.weight.dtype))
         x = x.flatten(2).transpose(1, 2)  # (N, P, D)
         x = x + self._tile_embedding(vm.pre_tile_positional_embedding)
@@ -160,15 +168,20 @@ class MossVideoModel(nn.Module):
             x = layer(x, attention_mask=None)
         x = x[:, :num_tokens]  # drop pads: (N, P + 1, D)
         inter = torch.stack([states[i] for i in wanted], dim=-1)[:, :num_tokens]  # (N,P+1,D,k)
-        feats = torch.cat([x, inter.flatten(2)], dim=-1)  # (N, P + 1, D * (1 + k)), channel-major
+        return torch.cat([x, inter.flatten(2)], dim=-1)  # (N, P + 1, D * (1 + k))
+
+    def pool(self, feats: torch.Tensor) -> torch.Tensor:
+        """CLS + average pool (kernel = stride) of the patch grid, row-major, CLS first.
+
+        :param feats: (N, grid * grid + 1, C). :returns: (N, tokens_per_frame, C).
+        """
+        num_frames, _, channels = feats.shape
         cls, patches = feats[:, :1], feats[:, 1:]
-        channels = feats.shape[-1]
         grid = self.patch_grid
         patches = patches.reshape(num_frames, grid, grid, channels).permute(0, 3, 1, 2)
         pooled = F.avg_pool2d(patches, self.pool_stride)  # (N, C, grid/s, grid/s)
         pooled = pooled.flatten(2).transpose(1, 2)  # (N, (grid/s)^2, C), row-major
-        tokens = torch.cat([cls, pooled], dim=1)  # (N, tokens_per_frame, C), CLS first
-        return self.projector(tokens)
+        return torch.cat([cls, pooled], dim=1)
 
     @torch.no_grad()
     def cross_kv(self, cross_attention_states: torch.Tensor):

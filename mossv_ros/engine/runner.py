@@ -12,8 +12,13 @@ import numpy as np
 import torch
 
 from . import prompt as grammar
-from .checkpoint import (CheckpointError, DTYPE_MAP, load_hf_model, load_tokenizer,
-                         resolve_special_ids)
+from .checkpoint import (
+    CheckpointError,
+    DTYPE_MAP,
+    load_hf_model,
+    load_tokenizer,
+    resolve_special_ids,
+)
 from .config import EngineConfig
 from .kv_cache import TextKVCache, VisionCache
 from .moss_video import MossVideoModel

@@ -12,14 +12,14 @@ import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
-from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import qos_profile_sensor_data, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
-from . import convert
-from .params import engine_config_from_params, engine_defaults, NODE_DEFAULTS
 from ..engine import events as ev
 from ..engine.config import EngineConfig
 from ..engine.engine import StreamingEngine
+from . import convert
+from .params import engine_config_from_params, engine_defaults, NODE_DEFAULTS
 
 
 class AssistantNode(LifecycleNode):

@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny checkpoint written by the project's own code, ROS isolation."""
+import os
+from pathlib import Path
+import random
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / 'shared'
+
+# Keep this run's DDS traffic to itself (parallel runs, other machines' nodes).
+os.environ.setdefault('ROS_DOMAIN_ID', str(random.randint(1, 100)))
+os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+
+
+@pytest.fixture(scope='session')
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The moss-model.md section 9 tiny model in the published MOSS layout."""
+    from mossv_ros.engine.tiny import write_tiny_checkpoint
+    return write_tiny_checkpoint(tmp_path_factory.mktemp('tiny') / 'moss', seed=0)
+
+
+@pytest.fixture(scope='session')
+def tiny_runner(tiny_checkpoint):
+    from mossv_ros.engine.config import EngineConfig
+    from mossv_ros.engine.runner import ModelRunner
+    return ModelRunner(EngineConfig(model_path=str(tiny_checkpoint), max_frames=8,
+                                    max_context_tokens=2048))
+
+
+def shared_videos():
+    return sorted((SHARED / 'data' / 'videos').glob('*.mp4'))

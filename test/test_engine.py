@@ -1,0 +1,213 @@
+"""Engine behaviour with scripted token choices over the real tiny model (plain pytest)."""
+import time
+
+import numpy as np
+import pytest
+
+from mossv_ros.engine import events as ev
+from mossv_ros.engine.config import EngineConfig
+from mossv_ros.engine.engine import StreamingEngine
+from mossv_ros.engine.runner import ModelRunner
+
+
+class ScriptedSampler:
+    """Returns ``speak`` tokens while ``talking`` is set, else ``<|silence|>``."""
+
+    def __init__(self, runner, talking=False, word=ord('a')):
+        self.silence = runner.special.silence
+        self.talking = talking
+        self.word = word
+        self.calls = 0
+
+    def __call__(self, logits, history):
+        self.calls += 1
+        assert logits.shape[-1] == 272
+        return self.word if self.talking else self.silence
+
+
+class FeedLog:
+    """Wraps ``runner.feed`` to record what was fed."""
+
+    def __init__(self, runner):
+        self.calls = []
+        self._feed = runner.feed
+        runner.feed = self
+
+    def __call__(self, session, token_ids, frames=(), all_logits=False):
+        self.calls.append((list(token_ids), [f.frame_index for _, f in frames]))
+        return self._feed(session, token_ids, frames, all_logits)
+
+
+def make(tiny_checkpoint, talking=False, **overrides):
+    cfg = EngineConfig(model_path=str(tiny_checkpoint), max_frames=overrides.pop('max_frames', 8),
+                       max_context_tokens=2048, **overrides)
+    runner = ModelRunner(cfg)
+    sampler = ScriptedSampler(runner, talking)
+    log = FeedLog(runner)
+    engine = StreamingEngine(cfg, runner=runner, sampler=sampler)
+    engine.start()
+    assert engine.wait_ready(30)
+    return engine, runner, sampler, log
+
+
+def frame(i, h=48, w=64):
+    rng = np.random.default_rng(i)
+    return ev.Frame(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), stamp=(i, 0),
+                    frame_id='cam')
+
+
+def wait_for(cond, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def drain(engine):
+    out = []
+    while not engine.events.empty():
+        out.append(engine.events.get())
+    return out
+
+
+def test_silence_waits_for_a_frame(tiny_checkpoint):
+    engine, runner, sampler, log = make(tiny_checkpoint)
+    try:
+        time.sleep(0.3)
+        assert len(log.calls) == 1  # only the session prefill: silence -> no decoding
+        engine.submit_frame(frame(0), stamp_sec=0.0)
+        assert wait_for(lambda: len(log.calls) == 2)
+        s = runner.special
+        assert log.calls[1] == ([s.silence, s.image], [0])  # one <|silence|> + <|image|>
+        time.sleep(0.2)
+        assert len(log.calls) == 2
+    finally:
+        assert engine.stop()
+
+
+def test_question_interrupts_at_token_boundary(tiny_checkpoint):
+    engine, runner, sampler, log = make(tiny_checkpoint)
+    try:
+        engine.submit_frame(frame(0), stamp_sec=0.0)
+        assert wait_for(lambda: len(log.calls) >= 2)
+        sampler.talking = True  # the model starts a spontaneous utterance
+        engine.submit_frame(frame(1), stamp_sec=1.0)
+        assert wait_for(lambda: len(log.calls) >= 20)
+        ok, round_id, msg = engine.submit_question('What colour is it?', 'req-1')
+        assert ok and round_id == 1, msg
+        s = runner.special
+
+        def is_question(call):  # the session prefill (starting with BOS) has headers too
+            return s.start_header in call[0] and call[0][0] != s.bos
+        assert wait_for(lambda: any(is_question(c) for c in log.calls))
+        q_call = next(c for c in log.calls if is_question(c))
+        assert q_call[0][:2] == [ord('a'), s.eot]  # pending word fed, then the turn closes
+        assert q_call[0][-1] == ord('\n')  # ends with the assistant header's blank line
+    finally:
+        engine.stop()
+    events = drain(engine)
+    answers = [e for e in events if isinstance(e, ev.AnswerEvent)]
+    assert answers[0].round_id == 0 and answers[0].end_reason == ev.END_INTERRUPTED
+    started = [e for e in events if isinstance(e, ev.RoundEvent) and e.kind == 'started']
+    assert [(e.round_id, e.request_id) for e in started] == [(1, 'req-1')]
+    tokens = [e for e in events if isinstance(e, ev.TokenEvent) and e.round_id == 1]
+    assert tokens and all(t.request_id == 'req-1' for t in tokens)
+    assert [t.token_index for t in tokens] == list(range(len(tokens)))
+
+
+def test_frames_during_decoding_are_inserted_in_order(tiny_checkpoint):
+    engine, runner, sampler, log = make(tiny_checkpoint, talking=True, max_frame_queue=16,
+                                        max_frames=16)
+    sampler.talking = True
+    try:
+        for i in range(6):
+            assert engine.submit_frame(frame(i), stamp_sec=float(i))
+        assert wait_for(lambda: engine.stats().num_frames_cached == 6)
+    finally:
+        engine.stop()
+    inserted = [i for _, frames in log.calls for i in frames]
+    assert inserted == list(range(6))
+    for tokens, frames in log.calls:
+        if frames:  # mid-sentence: [pending word, <|image|>]
+            assert tokens == [ord('a'), runner.special.image]
+    assert engine.stats().num_dropped_frames == 0
+
+
+def test_eviction_keeps_memory_within_budget(tiny_checkpoint):
+    engine, runner, sampler, log = make(tiny_checkpoint, max_frames=3, num_sink_frames=1)
+    try:
+        for i in range(10):
+            engine.submit_frame(frame(i), stamp_sec=float(i))
+            assert wait_for(lambda: engine.stats().num_frames_encoded == i + 1)
+        assert wait_for(lambda: sum(len(f) for _, f in log.calls) == 10)
+        stats = engine.stats()
+        cache = engine._session.vision_cache
+        assert stats.num_frames_cached == 3 and stats.num_frames_evicted == 7
+        assert cache.frame_indices() == [0, 8, 9]  # sink frame + recent window
+        assert stats.cache_bytes <= 3 * cache.bytes_per_frame + \
+            engine._session.kv_cache.used_bytes
+    finally:
+        engine.stop()
+
+
+def test_every_accepted_question_ends_in_answer_or_cancel(tiny_checkpoint):
+    engine, runner, sampler, log = make(tiny_checkpoint, max_pending_questions=2)
+    sampler.talking = True
+    accepted = []
+    try:
+        for i in range(6):
+            ok, rid, _ = engine.submit_question(f'question {i}', f'r{i}')
+            assert ok
+            accepted.append(rid)
+        assert engine.submit_question('   ', 'blank')[0] is False
+        assert engine.submit_question('x' * 5000)[2].startswith('prompt has 5000')
+        time.sleep(0.5)
+    finally:
+        engine.stop()
+    events = drain(engine)
+    ended = {e.round_id for e in events if isinstance(e, ev.AnswerEvent) and e.is_final}
+    cancelled = {e.round_id for e in events if isinstance(e, ev.RoundEvent)
+                 and e.kind == 'cancelled'}
+    assert set(accepted) == ended | cancelled
+    assert cancelled  # the bounded queue cancelled some, explicitly
+
+
+def test_model_exception_surfaces_and_reset_recovers(tiny_checkpoint):
+    engine, runner, sampler, log = make(tiny_checkpoint)
+    real_feed = log._feed
+
+    def broken(*args, **kwargs):
+        raise RuntimeError('simulated device fault')
+    log._feed = broken
+    ok, rid, _ = engine.submit_question('hello?')
+    assert ok
+    assert wait_for(lambda: engine.state == 'error')
+    assert wait_for(lambda: not any(t.is_alive() for t in engine._threads))
+    events = drain(engine)
+    fatal = [e for e in events if isinstance(e, ev.ErrorEvent) and e.fatal]
+    assert fatal and 'simulated device fault' in fatal[0].message
+    assert any(isinstance(e, ev.AnswerEvent) and e.round_id == rid and e.is_final
+               and e.end_reason == ev.END_ERROR for e in events)
+    assert engine.submit_question('again?')[0] is False
+    log._feed = real_feed
+    engine.reset('recover')
+    assert engine.wait_ready(10) and engine.submit_question('again?')[0]
+    engine.stop()
+
+
+def test_rate_limit_subsamples_by_stamp(tiny_checkpoint):
+    engine, runner, sampler, log = make(tiny_checkpoint)
+    try:
+        accepted = [engine.submit_frame(frame(i), stamp_sec=i / 10) for i in range(30)]
+        assert sum(accepted) == 3  # 30 frames at 10 Hz over 3 s -> 1 Hz
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize('text,ok', [('', False), ('\x00\x01', False), ('¿Qué ves? 看', True)])
+def test_prompt_validation(text, ok):
+    from mossv_ros.engine.policy import validate_prompt
+    good, cleaned, reason = validate_prompt(text, 100)
+    assert good is ok and reason

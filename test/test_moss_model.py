@@ -1,0 +1,197 @@
+"""MOSS forward: the streaming path equals a full-sequence forward (moss-model.md 7.6), and
+the section 9 unit tests of the vision path and cross-attention."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mossv_ros.engine import moss_video
+from mossv_ros.engine.kv_cache import TextKVCache, VisionCache
+from mossv_ros.engine.moss_video import MossVideoModel, repeat_kv, rotate_half
+
+
+def _rot(x, cos, sin):
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def reference_forward(mv: MossVideoModel, ids, vision_states, image_positions):
+    """Dense full-sequence forward with training semantics, written independently of the
+    runtime: no caches, expanded (all-head) cross K/V, dense cumulative mask; rows that see no
+    frame skip the cross layers (the inference convention of section 4.5)."""
+    text = mv.text
+    seq = ids.shape[1]
+    pos = torch.arange(seq)
+    x = text.embed_tokens(ids)
+    cos, sin = text.rotary_emb(x, pos[None])
+    heads, kvh, hd = mv.num_heads, mv.num_kv_heads, mv.head_dim
+    n_frames, t, _ = vision_states.shape
+    frame_pos = torch.tensor(image_positions)
+    visible = frame_pos[None, :] <= pos[:, None]  # (seq, frames)
+    sees = visible.any(1)
+    mask = visible.repeat_interleave(t, dim=1)  # (seq, frames * T)
+    causal = torch.tril(torch.ones(seq, seq, dtype=torch.bool))
+    for i, layer in enumerate(text.layers):
+        if i in mv.cross_layer_ids:
+            a = layer.cross_attn
+            h = layer.input_layernorm(x)
+            q = a.q_proj(h).view(1, seq, heads, hd).transpose(1, 2)
+            q = _rot(a.q_norm(q), cos, sin)
+            k = a.k_proj(vision_states).view(n_frames, t, kvh, hd).transpose(1, 2)
+            fcos, fsin = text.rotary_emb(k, frame_pos[:, None])  # (F, 1, hd)
+            k = a.k_norm(_rot(k, fcos, fsin))  # rotated, then normed
+            v = a.v_proj(vision_states).view(n_frames, t, kvh, hd).transpose(1, 2)
+            k = repeat_kv(k.transpose(0, 1).reshape(1, kvh, n_frames * t, hd), heads // kvh)
+            v = repeat_kv(v.transpose(0, 1).reshape(1, kvh, n_frames * t, hd), heads // kvh)
+            w = (q @ k.transpose(2, 3)) * a.scaling
+            w = w.masked_fill(~mask, float('-inf')).nan_to_num(neginf=-1e30)
+            o = (F.softmax(w.double(), -1).float() @ v).transpose(1, 2).reshape(1, seq, -1)
+            y = x + layer.cross_attn_attn_gate.tanh() * a.o_proj(o)
+            y = y + layer.cross_attn_mlp_gate.tanh() * layer.mlp(layer.post_attention_layernorm(y))
+            x = torch.where(sees[None, :, None], y, x)
+        else:
+            a = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = a.q_proj(h).view(1, seq, heads, hd).transpose(1, 2)
+            k = a.k_proj(h).view(1, seq, kvh, hd).transpose(1, 2)
+            v = a.v_proj(h).view(1, seq, kvh, hd).transpose(1, 2)
+            q, k = _rot(q, cos[0:1].squeeze(0)[None], sin[0:1].squeeze(0)[None]), \
+                _rot(k, cos[0:1].squeeze(0)[None], sin[0:1].squeeze(0)[None])
+            k, v = repeat_kv(k, heads // kvh), repeat_kv(v, heads // kvh)
+            w = ((q @ k.transpose(2, 3)) * a.scaling).masked_fill(~causal, float('-inf'))
+            o = (F.softmax(w, -1) @ v).transpose(1, 2).reshape(1, seq, -1)
+            x = x + a.o_proj(o)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return mv.lm_head(text.norm(x)).float()[0]
+
+
+def _script(runner, n_frames=3, seed=0):
+    """A token stream with a frame-less prefix, frames mid-text and silence tokens."""
+    rng = np.random.default_rng(seed)
+    s = runner.special
+    ids, image_pos = [s.bos] + list(rng.integers(0, 256, 5)), []
+    for _ in range(n_frames):
+        image_pos.append(len(ids))
+        ids.append(s.image)
+        ids += list(rng.integers(0, 256, 3)) + [s.silence]
+    images = [rng.integers(0, 255, (90, 120, 3), dtype=np.uint8) for _ in range(n_frames)]
+    return ids, image_pos, images
+
+
+def _stream(runner, mv, ids, image_pos, encoded, chunks):
+    """Feed ``ids`` in the given chunk sizes, frames inserted at their <|image|> tokens."""
+    kv = TextKVCache(len(mv.self_layer_ids), mv.num_kv_heads, mv.head_dim, 256,
+                     torch.float32, 'cpu')
+    vc = VisionCache(len(mv.cross_layer_ids), mv.num_kv_heads, mv.tokens_per_frame,
+                     mv.head_dim, 8, torch.float32, 'cpu')
+    out, start = [], 0
+    for size in chunks:
+        for j, p in enumerate(image_pos):
+            if start <= p < start + size:
+                vc.insert(j, mv.finalize_keys(encoded[0][:, j], p), encoded[1][:, j], p, j)
+        chunk = torch.tensor([ids[start:start + size]])
+        out.append(mv.forward_text(chunk, torch.arange(start, start + size), kv, vc,
+                                   all_logits=True)[0])
+        start += size
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize('impl', ['eager', 'sdpa'])
+def test_streaming_equals_full_forward(tiny_runner, impl):
+    mv = MossVideoModel(tiny_runner.model.hf_model, impl)
+    ids, image_pos, images = _script(tiny_runner)
+    states = mv.encode_vision(tiny_runner.pixel_values(images))
+    ref = reference_forward(mv, torch.tensor([ids]), states, image_pos)
+    encoded = mv.cross_kv(states)
+    token_by_token = _stream(tiny_runner, mv, ids, image_pos, encoded, [1] * len(ids))
+    torch.testing.assert_close(token_by_token, ref, atol=2e-5, rtol=1e-4)
+    chunked = _stream(tiny_runner, mv, ids, image_pos, encoded, [7, 5, 1, 1, 4, len(ids) - 18])
+    torch.testing.assert_close(chunked, ref, atol=2e-5, rtol=1e-4)
+    assert (ref[image_pos[0]:] - ref[image_pos[0]:].mean()).abs().max() > 1e-3  # not constant
+
+
+def test_query_must_be_rotated_on_cache_only_steps(tiny_runner, monkeypatch):
+    """The oracle catches the upstream bug: skipping the query RoPE on decode steps."""
+    mv = MossVideoModel(tiny_runner.model.hf_model, 'eager')
+    ids, image_pos, images = _script(tiny_runner)
+    states = mv.encode_vision(tiny_runner.pixel_values(images))
+    ref = reference_forward(mv, torch.tensor([ids]), states, image_pos)
+    real_rotate = moss_video._rotate
+
+    def no_query_rotation(x, cos, sin):  # keys go through finalize_keys with q_len == 1 rows
+        return x if x.shape[1] == mv.num_heads else real_rotate(x, cos, sin)
+    monkeypatch.setattr(moss_video, '_rotate', no_query_rotation)
+    buggy = _stream(tiny_runner, mv, ids, image_pos, mv.cross_kv(states), [1] * len(ids))
+    assert (buggy[image_pos[0]:] - ref[image_pos[0]:]).abs().max() > 1e-4
+
+
+def test_cumulative_mask_and_own_frame(tiny_runner):
+    vc = VisionCache(2, 2, 5, 16, 4, torch.float32, 'cpu')
+    keys = torch.zeros(2, 2, 5, 16)
+    vc.insert(0, keys, keys, position=10, frame_index=0)
+    vc.insert(1, keys, keys, position=20, frame_index=1)
+    mask, sees = vc.visibility([5, 10, 19, 20, 21])
+    assert sees.tolist() == [False, True, True, True, True]
+    frames_seen = mask.view(5, 2, 5)[:, :, 0]
+    assert frames_seen[1:].tolist() == [[True, False], [True, False], [True, True], [True, True]]
+    assert vc.visibility([25]) == (None, None)  # decode rows after the newest frame: no mask
+
+
+def test_intermediate_features_are_layer_inputs(tiny_runner):
+    mv = tiny_runner.model
+    captured = {}
+    hooks = [layer.register_forward_pre_hook(
+        lambda mod, args, i=i: captured.__setitem__(i, args[0].clone()))
+        for i, layer in enumerate(mv.vision.transformer.layers)]
+    px = tiny_runner.pixel_values([np.full((64, 64, 3), 120, np.uint8)])
+    feats = mv.vision_features(px)
+    for h in hooks:
+        h.remove()
+    d = mv.vision_config.hidden_size
+    n_tok = feats.shape[1]
+    inter = feats[0, :, d:].view(n_tok, d, 2)  # channel-major: the 2 layer values adjacent
+    torch.testing.assert_close(inter[..., 0], captured[1][0, :n_tok])  # input of layer 1
+    torch.testing.assert_close(inter[..., 1], captured[3][0, :n_tok])  # input of layer 3
+    assert not torch.allclose(inter[..., 1], captured[2][0, :n_tok])
+
+
+def test_pooling_keeps_cls_first_and_averages_row_major(tiny_runner):
+    mv = tiny_runner.model
+    grid = mv.patch_grid  # 8
+    feats = torch.arange(1 + grid * grid, dtype=torch.float32)[None, :, None].repeat(1, 1, 3)
+    pooled = mv.pool(feats)
+    assert pooled.shape == (1, 5, 3)
+    assert pooled[0, 0, 0] == 0  # CLS first
+    patch = torch.arange(1, 1 + grid * grid, dtype=torch.float32).view(grid, grid)
+    assert pooled[0, 1, 0] == patch[:4, :4].mean()  # top-left block
+    assert pooled[0, 2, 0] == patch[:4, 4:].mean()  # top-right block (row-major order)
+
+
+def test_vision_pads_are_attended(tiny_runner):
+    mv = tiny_runner.model
+    px = tiny_runner.pixel_values([np.random.default_rng(1).integers(0, 255, (112, 112, 3),
+                                                                       dtype=np.uint8)])
+    attended = mv.vision_features(px)
+    layers = list(mv.vision.transformer.layers) + list(mv.vision.global_transformer.layers)
+    n_tok, padded = 65, 72
+    key_mask = torch.zeros(1, 1, padded, padded)
+    key_mask[..., n_tok:] = float('-inf')  # what stock Mllama does with the pads
+    originals = [layer.forward for layer in layers]
+    try:
+        for layer, orig in zip(layers, originals):
+            layer.forward = lambda x, attention_mask=None, orig=orig: orig(x, key_mask)
+        masked = mv.vision_features(px)
+    finally:
+        for layer, orig in zip(layers, originals):
+            layer.forward = orig
+    assert attended.shape == masked.shape == (1, n_tok, 96)
+    assert (attended - masked).abs().max() > 1e-4
+
+
+def test_vision_cache_stores_kv_heads_only(tiny_runner):
+    mv = tiny_runner.model
+    session = tiny_runner.new_session(max_frames=4)
+    per_frame = session.vision_cache.bytes_per_frame
+    # 2 cross layers x (K, V) x 2 KV heads x 5 tokens x 16 dims x 4 bytes
+    assert per_frame == 2 * 2 * mv.num_kv_heads * 5 * 16 * 4
+    # 11B formula of section 8.1: 8 layers x 2 x 8 heads x 101 x 128 x 2 bytes = 3.16 MiB
+    assert 8 * 2 * 8 * 101 * 128 * 2 == 3_309_568
