@@ -37,6 +37,8 @@ def cmd_run(ns) -> int:
         overrides.append(f'model.path:={ns.model}')
     if ns.device:
         overrides.append(f'engine.device:={ns.device}')
+        if ns.device == 'cpu':
+            overrides.append('engine.dtype:=float32')
     from .ros.node import main
     return main(args=[sys.argv[0]] + _ros_args(ns.params_file, overrides) + ns.ros_args)
 
@@ -58,8 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument('--params-file', help='ROS parameters YAML (default config/assistant.yaml)')
     run.add_argument('--model', help='checkpoint directory (overrides model.path)')
     run.add_argument('--device', help='cpu, cuda or cuda:N (overrides engine.device)')
-    run.add_argument('ros_args', nargs=argparse.REMAINDER,
-                     help='extra ROS arguments, e.g. --ros-args -r image:=/camera/image_raw')
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser('demo', help='the embedded default: generated clip + tiny model')
     demo.add_argument('--video', help='play this video file instead of the generated scene')
@@ -79,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format='[%(levelname)s] %(name)s: %(message)s')
-    ns = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything from --ros-args on goes to ROS, e.g. --ros-args -r image:=/camera/image_raw
+    split = argv.index('--ros-args') if '--ros-args' in argv else len(argv)
+    ns = build_parser().parse_args(argv[:split])
+    ns.ros_args = argv[split:]
     return int(ns.func(ns) or 0)
 
 

@@ -13,7 +13,7 @@ from mossv_ros.engine.runner import ModelRunner
 class ScriptedSampler:
     """Returns ``speak`` tokens while ``talking`` is set, else ``<|silence|>``."""
 
-    def __init__(self, runner, talking=False, word=ord('a')):
+    def __init__(self, runner, talking=False, word=97):  # 'a'
         self.silence = runner.special.silence
         self.talking = talking
         self.word = word

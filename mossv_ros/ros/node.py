@@ -3,6 +3,7 @@
 Thin: callbacks only convert and enqueue; the engine decides. Engine events cross into the
 executor once, through a guard condition (ros2/examples ``trigger_guard_condition.py``).
 """
+import functools
 import math
 import queue
 import time
@@ -20,6 +21,18 @@ from ..engine.config import EngineConfig
 from ..engine.engine import StreamingEngine
 from . import convert
 from .params import engine_config_from_params, engine_defaults, NODE_DEFAULTS
+
+
+def _logged_transition(method):
+    """rclpy swallows exceptions in transition callbacks; log them and return FAILURE."""
+    @functools.wraps(method)
+    def wrapper(self, state):
+        try:
+            return method(self, state)
+        except Exception as exc:  # noqa: BLE001 - becomes a lifecycle FAILURE with a log
+            self.get_logger().error(f'{method.__name__} failed: {type(exc).__name__}: {exc}')
+            return TransitionCallbackReturn.FAILURE
+    return wrapper
 
 
 class AssistantNode(LifecycleNode):
@@ -50,6 +63,7 @@ class AssistantNode(LifecycleNode):
         self._status_timer = None
 
     # ------------------------------------------------------------------ lifecycle
+    @_logged_transition
     def on_configure(self, state) -> TransitionCallbackReturn:
         from mossv_ros.msg import Answer, Silence, Status, Token
         values = {name: self.get_parameter(name).value for name in engine_defaults()}
@@ -99,6 +113,7 @@ class AssistantNode(LifecycleNode):
                                f'(attention: {runner.attn_implementation})')
         return TransitionCallbackReturn.SUCCESS
 
+    @_logged_transition
     def on_activate(self, state) -> TransitionCallbackReturn:
         from mossv_ros.msg import Question
         from mossv_ros.srv import Ask, Reset
