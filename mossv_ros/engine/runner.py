@@ -17,6 +17,7 @@ from .checkpoint import (
     DTYPE_MAP,
     load_hf_model,
     load_tokenizer,
+    read_config,
     resolve_special_ids,
 )
 from .config import EngineConfig
@@ -117,6 +118,7 @@ class ModelRunner:
             torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 2) // 2))
         dtype = DTYPE_MAP[config.dtype]
         impl = pick_attn_implementation(config.attn_implementation, config.device)
+        read_config(path)  # architecture check first: the clearest error for a wrong folder
         self.tokenizer = load_tokenizer(path, config.trust_remote_code)
         self.special = resolve_special_ids(self.tokenizer)
         hf_model, extras = load_hf_model(path, dtype, config.device, progress)
