@@ -23,7 +23,6 @@ from . import prompt as grammar
 from .config import EngineConfig
 from .events import (
     AnswerEvent,
-    END_CANCELLED,
     END_ERROR,
     END_INTERRUPTED,
     END_MAX_TOKENS,
@@ -146,18 +145,29 @@ class StreamingEngine:
             time.sleep(0.01)
         return False
 
-    def submit_frame(self, frame: Frame, stamp_sec: Optional[float] = None) -> bool:
+    def admit(self, stamp_sec: float) -> bool:
+        """Rate-limit check for a frame stamped ``stamp_sec`` (seconds); commits on True.
+
+        Callers that must convert an image first (the ROS image callback) ask here before
+        converting, then call :meth:`submit_frame` with ``admitted=True``.
+        """
+        with self._cv:
+            return self._limiter.accept(stamp_sec)
+
+    def submit_frame(self, frame: Frame, stamp_sec: Optional[float] = None,
+                     admitted: bool = False) -> bool:
         """Queue a frame (RGB uint8 (H, W, 3)) unless rate-limited.
 
         :param stamp_sec: the frame's stamp in seconds, for subsampling to ``frames.rate_hz``;
             None uses ``frame.arrival_ts``.
+        :param admitted: :meth:`admit` already accepted this frame.
         :returns: True if queued. The oldest queued frame is dropped (and counted) on overflow.
         """
         if not frame.arrival_ts:
             frame.arrival_ts = time.monotonic()
         t = frame.arrival_ts if stamp_sec is None else stamp_sec
         with self._cv:
-            if not self._limiter.accept(t):
+            if not admitted and not self._limiter.accept(t):
                 return False
             if len(self._frames) >= self.config.max_frame_queue:
                 self._frames.popleft()
@@ -204,7 +214,7 @@ class StreamingEngine:
             s.num_frames_cached = session.vision_cache.num_frames
             s.cache_bytes = session.cache_bytes
             s.num_context_tokens = session.kv_cache.length
-            s.num_frames_evicted = session.num_evicted_frames + self._evicted_before
+            s.num_frames_evicted = session.num_evicted_frames
         s.current_round_id = self._round.round_id
         return EngineStats(**vars(s))
 
@@ -301,15 +311,11 @@ class StreamingEngine:
         self._utterance: Optional[_Utterance] = None
         self._newest = FrameRef()
         self._history: deque = deque(maxlen=64)
-        self._evicted_before = getattr(self, '_evicted_before', 0)
 
     def _start_session(self) -> None:
         runner = self.runner
         if self._session is None:
             self._session = runner.new_session()
-        else:
-            self._evicted_before += self._session.num_evicted_frames
-            self._session.num_evicted_frames = 0
         logits = runner.start_session(self._session, self.config.system_prompt)
         self._on_token(self._sample(logits))
 
@@ -365,9 +371,6 @@ class StreamingEngine:
     def _do_reset(self, reason: str) -> None:
         self._end_round(END_RESET)
         self._cancel_pending(END_RESET)
-        self._evicted_before += self._session.num_evicted_frames if self._session else 0
-        if self._session is not None:
-            self._session.num_evicted_frames = 0
         self._reset_state()
         with self._cv:
             self._limiter.reset()
@@ -496,4 +499,4 @@ class StreamingEngine:
             pending = list(self._questions)
             self._questions.clear()
         for q in pending:
-            self._cancel(q, reason if reason != END_CANCELLED else 'cancelled')
+            self._cancel(q, reason)

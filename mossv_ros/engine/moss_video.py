@@ -106,8 +106,7 @@ class MossVideoModel(nn.Module):
         for layer in list(self.vision.transformer.layers) + list(
                 self.vision.global_transformer.layers):
             layer.self_attn.is_causal = False
-        vision_impl = attn_implementation
-        self.vision_config._attn_implementation = vision_impl
+        self.vision_config._attn_implementation = attn_implementation
 
     @property
     def device(self) -> torch.device:

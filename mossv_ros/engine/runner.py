@@ -191,18 +191,20 @@ class ModelRunner:
         evicted = None
         slot = cache.free_slot()
         if slot is None:
-            slot = cache.choose_victim(self.config.eviction_policy, self.config.num_sink_frames)
-            evicted = cache.evict(slot)
-            session.num_evicted_frames += 1
+            slot, evicted = self._evict_one(session)
         cache.insert(slot, self.model.finalize_keys(frame.keys, position), frame.values,
                      position, frame_index)
         cap = self.config.max_memory_bytes
         while cap and session.cache_bytes > cap and cache.num_frames > 1:
-            victim = cache.choose_victim(self.config.eviction_policy,
-                                         self.config.num_sink_frames)
-            evicted = cache.evict(victim)
-            session.num_evicted_frames += 1
+            _, evicted = self._evict_one(session)
         return evicted
+
+    def _evict_one(self, session: Session) -> Tuple[int, int]:
+        """Evict per ``cache.eviction_policy``; return (freed slot, evicted frame index)."""
+        cache = session.vision_cache
+        slot = cache.choose_victim(self.config.eviction_policy, self.config.num_sink_frames)
+        session.num_evicted_frames += 1
+        return slot, cache.evict(slot)
 
     # ------------------------------------------------------------------ text
     @torch.no_grad()

@@ -205,6 +205,8 @@ class AssistantNode(LifecycleNode):
                                       f' -> {stamp_sec:.3f} s): resetting the session')
             self.engine.reset('stamp jumped backwards')
         self._last_stamp_sec = stamp_sec
+        if not self.engine.admit(stamp_sec):
+            return  # subsampled to frames.rate_hz before any conversion work
         try:
             rgb = to_rgb(msg)
         except convert.ImageError as exc:
@@ -212,7 +214,7 @@ class AssistantNode(LifecycleNode):
             self._rate_limited_error(exc.kind, str(exc))
             return
         self.engine.submit_frame(ev.Frame(rgb, msg.header.stamp, msg.header.frame_id),
-                                 stamp_sec=stamp_sec)
+                                 stamp_sec=stamp_sec, admitted=True)
 
     def _submit(self, text: str, request_id: str):
         if self.engine is None:
