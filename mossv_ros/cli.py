@@ -53,6 +53,41 @@ def cmd_ask(ns) -> int:
     return ask(ns.prompt, node=ns.node, timeout_sec=ns.timeout)
 
 
+def cmd_offline(ns) -> int:
+    """Answer one question about a video file or images, no ROS (moss-model.md section 6.3)."""
+    import cv2
+    import torch
+
+    from .engine.config import EngineConfig, SamplingConfig
+    from .engine.offline import offline_generate, read_video
+    from .engine.runner import ModelRunner
+
+    if bool(ns.video) == bool(ns.image):
+        raise SystemExit('give exactly one of --video PATH or --image PATH [--image PATH ...]')
+    device = ns.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    runner = ModelRunner(EngineConfig(
+        model_path=ns.model or str(default_model_dir()), device=device,
+        dtype='float32' if device == 'cpu' else 'bfloat16', max_frames=ns.max_frames))
+    if ns.video:
+        frames, _ = read_video(ns.video, ns.fps, min(8, ns.max_frames), ns.max_frames)
+    else:
+        frames = []
+        for path in ns.image:
+            bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise SystemExit(f'cannot read image {path}')
+            frames.append(bgr[:, :, ::-1].copy())
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=ns.max_new_tokens)
+    try:
+        res = offline_generate(runner, ns.question, frames, sampling, ns.chunk,
+                               on_token=lambda t: print(t, end='', flush=True))
+    except ValueError as exc:
+        raise SystemExit(f'error: {exc}') from None
+    print(f'\n--- {res.num_frames} frames, encode {res.encode_s:.2f} s, '
+          f'TTFT {res.ttft_s:.2f} s, {len(res.token_ids)} tokens, stop: {res.stop_reason}')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='mossv-ros', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -74,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument('--node', default='/mossv_assistant', help='the assistant node name')
     ask.add_argument('--timeout', type=float, default=60.0, help='seconds to wait')
     ask.set_defaults(func=cmd_ask)
+    off = sub.add_parser('offline', help='answer a question about a video file or images '
+                         '(no ROS, whole clip at once)')
+    off.add_argument('question')
+    off.add_argument('--video', help='video file, sampled at --fps')
+    off.add_argument('--image', action='append', help='image file (repeatable)')
+    off.add_argument('--model', help='checkpoint directory (default: shipped tiny model)')
+    off.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda when available)')
+    off.add_argument('--fps', type=float, default=1.0, help='frames sampled per video second')
+    off.add_argument('--max-frames', type=int, default=256, help='at most this many frames')
+    off.add_argument('--chunk', type=int, default=64, help='frames per vision forward')
+    off.add_argument('--max-new-tokens', type=int, default=256)
+    off.set_defaults(func=cmd_offline)
     return parser
 
 

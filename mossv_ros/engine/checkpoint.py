@@ -144,10 +144,18 @@ def load_hf_model(path: Path, dtype: torch.dtype, device: str,
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
-    """Load the checkpoint's tokenizer with transformers' ``AutoTokenizer``."""
-    from transformers import AutoTokenizer
+    """Load the checkpoint's tokenizer.
 
-    if not (path / 'tokenizer.json').is_file() and not (path / 'tokenizer.model').is_file():
+    Llama-3 checkpoints ship a fast ``tokenizer.json``: it is loaded with
+    ``PreTrainedTokenizerFast`` directly (AutoTokenizer would parse config.json and warn about
+    the ``video_mllama`` model type). ``AutoTokenizer`` is used otherwise, and with
+    ``trust_remote_code``.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if (path / 'tokenizer.json').is_file() and not trust_remote_code:
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+    if not (path / 'tokenizer.model').is_file() and not (path / 'tokenizer.json').is_file():
         raise CheckpointError(f'{path}: no tokenizer.json')
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
