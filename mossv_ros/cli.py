@@ -88,6 +88,47 @@ def cmd_offline(ns) -> int:
     return 0
 
 
+def cmd_bag_from_video(ns) -> int:
+    from tqdm import tqdm
+
+    from .bag import from_video, parse_question
+    try:
+        questions = [parse_question(q) for q in ns.question]
+    except ValueError as exc:
+        raise SystemExit(f'error: {exc}') from None
+    with tqdm(desc=f'writing {ns.out_bag}', unit='frame') as bar:
+        summary = from_video(ns.video, ns.out_bag, questions, storage=ns.storage,
+                             compressed=ns.compressed, image_topic=ns.image_topic,
+                             question_topic=ns.question_topic, frame_id=ns.frame_id,
+                             fps=ns.fps, width=ns.width,
+                             progress=lambda n: bar.update(n - bar.n))
+    span = (summary.end_ns - summary.start_ns) * 1e-9
+    print(f'wrote {summary.path} ({ns.storage}): '
+          + ', '.join(f'{t}: {n}' for t, n in summary.counts.items()) + f'; {span:.2f} s')
+    return 0
+
+
+def cmd_bag_play(ns) -> int:
+    import rclpy
+
+    from .bag import parse_remaps, play
+    try:
+        remap = parse_remaps(ns.remap)
+    except ValueError as exc:
+        raise SystemExit(f'error: {exc}') from None
+    rclpy.init(args=['mossv-ros'] + ns.ros_args)
+    try:
+        result = play(ns.bag, rate=ns.rate, clock=ns.clock, remap=remap, delay=ns.delay,
+                      wait_for_subscribers=ns.wait_for_subscribers)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        rclpy.try_shutdown()
+    print(f'played {ns.bag} in {result.wall_s:.2f} s: '
+          + ', '.join(f'{t}: {n}' for t, n in result.counts.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='mossv-ros', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -109,6 +150,32 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument('--node', default='/mossv_assistant', help='the assistant node name')
     ask.add_argument('--timeout', type=float, default=60.0, help='seconds to wait')
     ask.set_defaults(func=cmd_ask)
+    bag = sub.add_parser('bag', help='rosbag2 tools: from-video, play')
+    bag_sub = bag.add_subparsers(dest='bag_command', required=True)
+    fv = bag_sub.add_parser('from-video', help='write a rosbag2 from a video file')
+    fv.add_argument('video')
+    fv.add_argument('out_bag')
+    fv.add_argument('--question', action='append', default=[], metavar='SEC:TEXT',
+                    help='a Question at SEC seconds into the clip (repeatable)')
+    fv.add_argument('--storage', choices=['sqlite3', 'mcap'], default='sqlite3')
+    fv.add_argument('--compressed', action='store_true',
+                    help='sensor_msgs/CompressedImage (JPEG) instead of Image (bgr8)')
+    fv.add_argument('--image-topic', default='/image')
+    fv.add_argument('--question-topic', default='/mossv_assistant/question')
+    fv.add_argument('--frame-id', default='camera')
+    fv.add_argument('--fps', type=float, help='keep at most this many frames per second')
+    fv.add_argument('--width', type=int, help='resize frames to this width (aspect kept)')
+    fv.set_defaults(func=cmd_bag_from_video)
+    pl = bag_sub.add_parser('play', help='replay a rosbag2 (like ros2 bag play)')
+    pl.add_argument('bag')
+    pl.add_argument('--rate', type=float, default=1.0, help='playback speed factor')
+    pl.add_argument('--clock', action='store_true', help='publish /clock (use_sim_time)')
+    pl.add_argument('--remap', action='append', default=[], metavar='FROM:=TO')
+    pl.add_argument('--delay', type=float, default=0.5,
+                    help='seconds to wait after creating publishers (discovery)')
+    pl.add_argument('--wait-for-subscribers', type=float, default=0.0, metavar='SEC',
+                    help='wait up to SEC seconds until every topic has a subscriber')
+    pl.set_defaults(func=cmd_bag_play)
     off = sub.add_parser('offline', help='answer a question about a video file or images '
                          '(no ROS, whole clip at once)')
     off.add_argument('question')

@@ -31,6 +31,23 @@ def _frames(ns):
         yield from scene_clip(ns.duration, fps=ns.fps)
 
 
+class _LoadBar:
+    """A tqdm progress bar over checkpoint files while the model loads."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc='loading model', unit='file')
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run_demo(ns) -> int:
     from sensor_msgs.msg import Image
 
@@ -41,7 +58,8 @@ def run_demo(ns) -> int:
     model = ns.model or str(default_model_dir())
     print(f'mossv-ros demo: model {model}; clip: {ns.video or "generated scene"}')
     rclpy.init()
-    node = AssistantNode(parameter_overrides=[
+    bar = _LoadBar()
+    node = AssistantNode(load_progress=bar, parameter_overrides=[
         Parameter('model.path', value=model), Parameter('engine.device', value='cpu'),
         Parameter('engine.dtype', value='float32'),
         Parameter('sampling.max_new_tokens', value=48),
@@ -58,6 +76,7 @@ def run_demo(ns) -> int:
         if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
             print('the assistant failed to configure (see log)')
             return 1
+        bar.close()
         node.trigger_activate()
         start = time.monotonic()
         asked = False
@@ -82,9 +101,11 @@ def run_demo(ns) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        node._close_io()
-        node._stop_engine()
+        node._stop_engine()  # publishes the last (final / cancelled) answers
+        time.sleep(0.3)  # let the view receive them
         executor.shutdown(timeout_sec=1.0)
+        spinner.join(timeout=2.0)
+        node._close_io()
         for n in (node, view, camera):
             n.destroy_node()
         rclpy.try_shutdown()

@@ -30,3 +30,13 @@ def tiny_runner(tiny_checkpoint):
 
 def shared_videos():
     return sorted((SHARED / 'data' / 'videos').glob('*.mp4'))
+
+
+@pytest.fixture
+def ros_context():
+    """An rclpy context of its own (pass ``context=`` to nodes and executors)."""
+    rclpy = pytest.importorskip('rclpy')
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    yield ctx
+    rclpy.try_shutdown(context=ctx)

@@ -1,40 +1,14 @@
 """ROS tests with real rclpy nodes across processes (the interfaces and the node)."""
-import os
-from pathlib import Path
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
+from .ros_helpers import spin_until, start_node, stop
+
 rclpy = pytest.importorskip('rclpy')
 pytestmark = pytest.mark.ros
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def spin_until(node, cond, timeout):
-    from rclpy.executors import SingleThreadedExecutor
-    ex = SingleThreadedExecutor(context=node.context)
-    ex.add_node(node)
-    end = time.monotonic() + timeout
-    try:
-        while time.monotonic() < end and not cond():
-            ex.spin_once(timeout_sec=0.05)
-    finally:
-        ex.remove_node(node)
-    return cond()
-
-
-@pytest.fixture
-def ros_context():
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    rclpy.try_shutdown(context=ctx)
-
 
 PUBLISHER = textwrap.dedent("""
     import time, rclpy
@@ -86,24 +60,10 @@ def test_interfaces_round_trip_across_processes(ros_context):
     assert all(m.header.stamp.sec == 17 and m.header.frame_id == 'cam' for m in got.values())
 
 
-def _start_node(*args):
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
-    return subprocess.Popen([sys.executable, '-m', 'mossv_ros.cli', 'run', *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, start_new_session=True)
-
-
-def _stop(proc, sig=signal.SIGINT, timeout=5.0):
-    t0 = time.monotonic()
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=timeout + 5)
-    return proc.returncode, time.monotonic() - t0, out
-
-
 def test_node_without_model_status_ask_and_sigint(ros_context):
     from mossv_ros.msg import Status
     from mossv_ros.srv import Ask
-    proc = _start_node('--device', 'cpu')
+    proc = start_node('--device', 'cpu')
     try:
         node = rclpy.create_node('probe', context=ros_context)
         status = []
@@ -117,7 +77,7 @@ def test_node_without_model_status_ask_and_sigint(ros_context):
         response = future.result()
         assert response.accepted is False and 'model not loaded' in response.message
     finally:
-        code, took, out = _stop(proc)
+        code, took, out = stop(proc)
     assert took < 5.0, out
     assert code == 0, out
     assert 'Traceback' not in out, out
@@ -128,7 +88,7 @@ def test_node_with_tiny_model_answers_over_topics(ros_context, tiny_checkpoint):
     from sensor_msgs.msg import Image
 
     from mossv_ros.msg import Answer, Question, Token
-    proc = _start_node('--model', str(tiny_checkpoint), '--device', 'cpu',
+    proc = start_node('--model', str(tiny_checkpoint), '--device', 'cpu',
                        '--ros-args', '-p', 'sampling.max_new_tokens:=8',
                        '-p', 'qos.image_reliability:=reliable')
     try:
@@ -159,5 +119,5 @@ def test_node_with_tiny_model_answers_over_topics(ros_context, tiny_checkpoint):
         assert all(100 <= s < 140 for s in stamps) and stamps == sorted(stamps)
         assert all(t.header.frame_id == 'cam' for t in tokens if t.round_id)
     finally:
-        code, took, out = _stop(proc)
+        code, took, out = stop(proc)
     assert code == 0 and took < 5.0, out

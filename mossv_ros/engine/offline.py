@@ -147,8 +147,7 @@ def offline_generate(runner, question: str, images: Sequence[np.ndarray],
         frame.frame_index = index
     logits = runner.feed(session, ids, list(zip(image_offsets, encoded)))
     first_logits = logits.detach().float().cpu()
-    sampler = Sampler(sampling, [special.video, special.image, special.bos,
-                                 special.start_header, special.end_header, special.ellipsis],
+    sampler = Sampler(sampling, [i for i in runner.suppressed_ids() if i != special.eot],
                       runner.vocab_size)
     stops = {special.eot: 'eot', special.silence: 'silence'}
     out: List[int] = []

@@ -141,9 +141,15 @@ class ModelRunner:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def suppressed_ids(self) -> List[int]:
-        """Ids never sampled in real-time mode (moss-model.md section 7.4 step 2)."""
+        """Ids never sampled in real-time mode (moss-model.md section 7.4 step 2): the grammar's
+        structural tokens, ``<|eot_id|>`` (never a real-time target) and every other special
+        added token (Llama-3's reserved slots), all but ``<|silence|>``."""
         s = self.special
-        return [s.video, s.image, s.bos, s.start_header, s.end_header, s.eot, s.ellipsis]
+        ids = {s.video, s.image, s.bos, s.start_header, s.end_header, s.eot, s.ellipsis}
+        added = getattr(self.tokenizer, 'added_tokens_decoder', {}) or {}
+        ids |= {int(i) for i, tok in added.items() if getattr(tok, 'special', False)}
+        ids.discard(s.silence)
+        return sorted(ids)
 
     def new_session(self, max_frames: Optional[int] = None,
                     max_context_tokens: Optional[int] = None) -> Session:

@@ -12,8 +12,16 @@ def printable(text: str) -> str:
                    for ch in text)
 
 
+#: ``only_round`` value meaning "the round is not known yet": messages are held back.
+PENDING = object()
+
+
 class AnswerView(Node):
-    """Subscribes to an assistant's token/silence/answer topics and prints them."""
+    """Subscribes to an assistant's token/silence/answer topics and prints them.
+
+    :param only_round: print only this round (None: all rounds; :data:`PENDING`: hold messages
+        until :meth:`set_round` names the round, so none is lost while a service call returns).
+    """
 
     def __init__(self, assistant: str, name: str = 'mossv_view', only_round=None, out=print):
         super().__init__(name)
@@ -22,28 +30,40 @@ class AnswerView(Node):
         self.out = out
         self.finished = set()
         self.answers = []
+        self._held = []
         self.create_subscription(Token, f'{assistant}/tokens', self._on_token, 100)
         self.create_subscription(Silence, f'{assistant}/silence', self._on_silence, 10)
         self.create_subscription(Answer, f'{assistant}/answer', self._on_answer, 10)
 
-    def _wanted(self, round_id):
+    def set_round(self, round_id: int) -> None:
+        """Show ``round_id`` only, including the messages held back while it was unknown."""
+        self.only_round = round_id
+        held, self._held = self._held, []
+        for handler, msg in held:
+            handler(msg)
+
+    def _wanted(self, round_id, handler=None, msg=None):
+        if self.only_round is PENDING:
+            self._held.append((handler, msg))
+            return False
         return self.only_round is None or round_id == self.only_round
 
     def _on_token(self, msg):
-        if self._wanted(msg.round_id):
+        if self._wanted(msg.round_id, self._on_token, msg):
             self.out(printable(msg.text), end='', flush=True)
 
     def _on_silence(self, msg):
-        if self._wanted(msg.round_id) and msg.state == msg.STATE_SILENT:
+        if self._wanted(msg.round_id, self._on_silence, msg) and msg.state == msg.STATE_SILENT:
             self.out(f'\n  [silent: observing, frame {msg.frame_index}]', flush=True)
 
     def _on_answer(self, msg):
-        if not self._wanted(msg.round_id):
+        if not self._wanted(msg.round_id, self._on_answer, msg):
             return
         self.answers.append(msg)
-        tag = 'final' if msg.is_final else 'revision'
-        self.out(f'\n  [answer round {msg.round_id} rev {msg.revision} {tag}, '
-                 f'{msg.end_reason}, frames {msg.first_frame_index}-{msg.last_frame_index}]: '
+        kind = 'answer' if msg.revision == 0 else f'revision {msg.revision}'
+        final = ', final' if msg.is_final else ''
+        self.out(f'\n  [{kind} (round {msg.round_id}{final}, ended by {msg.end_reason}, '
+                 f'frames {msg.first_frame_index}-{msg.last_frame_index})]: '
                  f'{printable(msg.text)[:200]}', flush=True)
         if msg.is_final:
             self.finished.add(msg.round_id)
@@ -56,7 +76,7 @@ def ask(prompt: str, node: str = '/mossv_assistant', timeout_sec: float = 60.0) 
     """
     from mossv_ros.srv import Ask
     rclpy.init()
-    view = AnswerView(node, name='mossv_ask')
+    view = AnswerView(node, name='mossv_ask', only_round=PENDING)
     executor = SingleThreadedExecutor()
     executor.add_node(view)
     try:
@@ -71,7 +91,7 @@ def ask(prompt: str, node: str = '/mossv_assistant', timeout_sec: float = 60.0) 
             print(f'rejected: {response.message if response else "no response"}')
             return 1
         print(f'[round {response.round_id}] {prompt}')
-        view.only_round = response.round_id
+        view.set_round(response.round_id)
         end = time.monotonic() + timeout_sec
         while time.monotonic() < end and response.round_id not in view.finished:
             executor.spin_once(timeout_sec=0.1)

@@ -7,10 +7,11 @@ import functools
 import math
 import queue
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.qos import qos_profile_sensor_data, QoSProfile, ReliabilityPolicy
@@ -43,8 +44,11 @@ class AssistantNode(LifecycleNode):
     Services: ``~/ask`` (Ask), ``~/reset`` (Reset).
     """
 
-    def __init__(self, node_name: str = 'mossv_assistant', **kwargs) -> None:
+    def __init__(self, node_name: str = 'mossv_assistant',
+                 load_progress: Optional[Callable[[int, int], None]] = None, **kwargs) -> None:
+        """:param load_progress: ``progress(done_files, total_files)`` while weights load."""
         super().__init__(node_name, **kwargs)
+        self._load_progress = load_progress
         for name, value in {**engine_defaults(), **NODE_DEFAULTS}.items():
             self.declare_parameter(name, value)
         self.engine: Optional[StreamingEngine] = None
@@ -88,8 +92,11 @@ class AssistantNode(LifecycleNode):
         self._guard = self.create_guard_condition(self._drain_events,
                                                   callback_group=self._events_cb)
         period = float(self.get_parameter('status.period_sec').value)
+        # Status runs on the steady clock: with use_sim_time and no /clock yet (a bag not
+        # playing) a ROS-time timer would never fire and the node would look dead.
         self._status_timer = self.create_timer(period, self._publish_status,
-                                               callback_group=self._events_cb)
+                                               callback_group=self._events_cb,
+                                               clock=Clock(clock_type=ClockType.STEADY_TIME))
         if not config.model_path:
             self.get_logger().warning('model.path is empty: running with no model loaded '
                                       '(Status UNLOADED; Ask answers "model not loaded")')
@@ -100,7 +107,7 @@ class AssistantNode(LifecycleNode):
                                f'{config.device})')
         t0 = time.monotonic()
         try:
-            runner = ModelRunner(config)
+            runner = ModelRunner(config, self._load_progress)
         except (CheckpointError, ValueError, OSError) as exc:
             self.get_logger().error(f'cannot load model: {exc}')
             return TransitionCallbackReturn.FAILURE
@@ -261,6 +268,8 @@ class AssistantNode(LifecycleNode):
             self._publish_event(event)
 
     def _publish_event(self, event) -> None:
+        if not self.context.ok():
+            return  # shutting down: nothing can be published any more
         pubs = self._pubs
         if isinstance(event, ev.TokenEvent):
             self._newest = event.source
@@ -287,9 +296,24 @@ class AssistantNode(LifecycleNode):
         self._pubs['status'].publish(convert.status_msg(stats, self._num_invalid, self._newest))
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(args=None) -> int:
-    """Run the node unmanaged: configure and activate on its own; SIGINT shuts down cleanly."""
-    rclpy.init(args=args)
+    """Run the node unmanaged: configure and activate on its own.
+
+    SIGINT and SIGTERM stop the executor while the ROS context is still valid, so the engine
+    is stopped and its last events (final answers, cancellations) are still published before
+    the context shuts down.
+    """
+    import signal
+
+    from rclpy.signals import SignalHandlerOptions
+
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     node = AssistantNode()
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
