@@ -211,3 +211,41 @@ def test_prompt_validation(text, ok):
     from mossv_ros.engine.policy import validate_prompt
     good, cleaned, reason = validate_prompt(text, 100)
     assert good is ok and reason
+
+
+class TextSampler:
+    """Speaks the UTF-8 bytes of ``text`` (byte tokenizer: id = byte), then stays silent."""
+
+    def __init__(self, runner, text):
+        self.ids = list(text.encode('utf-8'))
+        self.silence = runner.special.silence
+        self.talking = False
+
+    def __call__(self, logits, history):
+        return self.ids.pop(0) if self.talking and self.ids else self.silence
+
+
+def test_streamed_token_texts_add_up_to_the_answer_with_multibyte_utf8(tiny_checkpoint):
+    text = 'héllo wörld ✓ 日本 ' * 8  # 208 bytes < max_new_tokens
+    cfg = EngineConfig(model_path=str(tiny_checkpoint), max_frames=8, max_context_tokens=2048)
+    runner = ModelRunner(cfg)
+    sampler = TextSampler(runner, text)
+    engine = StreamingEngine(cfg, runner=runner, sampler=sampler)
+    engine.start()
+    try:
+        assert engine.wait_ready(30)
+        sampler.talking = True
+        ok, rid, _ = engine.submit_question('Say it.')
+        assert ok
+        assert wait_for(lambda: not sampler.ids, 30)
+        engine.submit_frame(frame(0), stamp_sec=0.0)
+        events = []
+        assert wait_for(lambda: events.extend(drain(engine)) or any(
+            isinstance(e, ev.AnswerEvent) and e.round_id == rid for e in events), 30)
+    finally:
+        engine.stop()
+    tokens = [e for e in events if isinstance(e, ev.TokenEvent) and e.round_id == rid]
+    answer = [e for e in events if isinstance(e, ev.AnswerEvent) and e.round_id == rid][0]
+    assert len(tokens) == len(text.encode('utf-8'))
+    assert ''.join(t.text for t in tokens) == answer.text == text
+    assert all('\ufffd' not in t.text for t in tokens)

@@ -67,7 +67,8 @@ class _Round:
 class _Utterance:
     index: int
     ids: List[int] = field(default_factory=list)
-    emitted_chars: int = 0
+    prefix_offset: int = 0  # incremental detokenization window (ids[prefix:read] shown)
+    read_offset: int = 0
     first_frame_index: int = -1
 
 
@@ -102,6 +103,9 @@ class StreamingEngine:
         self._next_frame_index = 0
         self.stats_data = EngineStats(state='unloaded')
         self._session = None
+        #: seconds from a frame's arrival to its insertion in the vision cache, newest last
+        #: (bounded; read by benchmarks and Status)
+        self.frame_latencies: deque = deque(maxlen=4096)
         self._reset_state()
 
     # ------------------------------------------------------------------ public API
@@ -337,6 +341,7 @@ class StreamingEngine:
         self._pending = None
         if ready is not None:
             frame, encoded = ready
+            self.frame_latencies.append(time.monotonic() - frame.arrival_ts)
             self._newest = FrameRef(encoded.frame_index, frame.stamp, frame.frame_id,
                                     frame.arrival_ts)
             if self._round.first_frame_index < 0:
@@ -403,10 +408,7 @@ class StreamingEngine:
         self._history.append(token)
         utt = self._utterance
         utt.ids.append(token)
-        text = self.runner.decode(utt.ids)
-        stable = text.rstrip('\ufffd')  # hold back an incomplete UTF-8 sequence
-        delta = stable[utt.emitted_chars:]
-        utt.emitted_chars = max(utt.emitted_chars, len(stable))
+        delta = self._text_delta(utt)
         now = time.monotonic()
         rnd = self._round
         if rnd.num_tokens == 0:
@@ -423,6 +425,17 @@ class StreamingEngine:
             else:
                 self._finish_utterance(END_MAX_TOKENS, is_final=False)
             self._set_mode(SILENT)
+
+    def _text_delta(self, utt: '_Utterance') -> str:
+        """New text of the utterance's last token, decoding a short window only (O(1) per
+        token, not O(length)): ids[prefix:read] were shown; an incomplete UTF-8 sequence
+        (U+FFFD at the end) is held back until its remaining bytes arrive."""
+        shown = self.runner.decode(utt.ids[utt.prefix_offset:utt.read_offset])
+        text = self.runner.decode(utt.ids[utt.prefix_offset:])
+        if len(text) <= len(shown) or text.endswith('\ufffd'):
+            return ''
+        utt.prefix_offset, utt.read_offset = utt.read_offset, len(utt.ids)
+        return text[len(shown):]
 
     def _set_mode(self, mode: str) -> None:
         if mode == self._mode:

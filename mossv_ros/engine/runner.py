@@ -119,10 +119,33 @@ class ModelRunner:
         dtype = DTYPE_MAP[config.dtype]
         impl = pick_attn_implementation(config.attn_implementation, config.device)
         read_config(path)  # architecture check first: the clearest error for a wrong folder
-        self.tokenizer = load_tokenizer(path, config.trust_remote_code)
-        self.special = resolve_special_ids(self.tokenizer)
+        tokenizer = load_tokenizer(path, config.trust_remote_code)
+        self.special = resolve_special_ids(tokenizer)
         hf_model, extras = load_hf_model(path, dtype, config.device, progress)
-        self.model = MossVideoModel(hf_model, impl, extras['pool_stride'])
+        self._setup(hf_model, tokenizer, impl, extras['pool_stride'])
+
+    @classmethod
+    def from_model(cls, config: EngineConfig, hf_model, tokenizer,
+                   pool_stride: int = 4) -> 'ModelRunner':
+        """A runner over an in-memory ``MllamaForConditionalGeneration`` (already on
+        ``config.device`` in ``config.dtype``), e.g. random 11B weights for the GPU benchmark
+        (speed does not depend on weight values). No checkpoint directory is read."""
+        from transformers.models.mllama.modeling_mllama import MllamaRotaryEmbedding
+
+        config.validate()
+        text = hf_model.model.language_model
+        text.rotary_emb = MllamaRotaryEmbedding(text.config).to(config.device)  # float32 table
+        self = cls.__new__(cls)
+        self.config = config
+        self.special = resolve_special_ids(tokenizer)
+        impl = pick_attn_implementation(config.attn_implementation, config.device)
+        self._setup(hf_model, tokenizer, impl, pool_stride)
+        return self
+
+    def _setup(self, hf_model, tokenizer, impl: str, pool_stride: int) -> None:
+        config = self.config
+        self.tokenizer = tokenizer
+        self.model = MossVideoModel(hf_model, impl, pool_stride)
         self.attn_implementation = impl
         self.tile_px = self.model.vision_config.image_size
         self.vocab_size = self.model.text_config.vocab_size
@@ -254,6 +277,10 @@ class ModelRunner:
         session.clear()
         ids = self.tokenize(grammar.session_start_text(system_prompt
                                                        or grammar.REALTIME_SYSTEM_PROMPT))
+        if len(ids) > session.kv_cache.capacity // 2:
+            raise ValueError(f'cache.max_context_tokens={session.kv_cache.capacity} is too '
+                             f'small: the session prompt alone is {len(ids)} tokens; use at '
+                             f'least {2 * len(ids)}')
         logits = self.feed(session, ids)
         session.prefix_tokens = len(ids)
         return logits

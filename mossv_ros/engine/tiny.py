@@ -34,7 +34,8 @@ TINY_VOCAB_SIZE = 272  # lm_head rows; embeddings have vocab + 8 rows
 def tiny_config_dict(image_size: int = 112, vision_hidden: int = 32, text_hidden: int = 64,
                      text_layers: int = 5, cross_layers=(1, 3), intermediate: int = 128,
                      vision_layers: int = 4, global_layers: int = 2, heads: int = 4,
-                     kv_heads: int = 2, vision_heads: int = 2) -> dict:
+                     kv_heads: int = 2, vision_heads: int = 2,
+                     max_positions: int = 4096) -> dict:
     """config.json contents in the published MOSS layout (model_type 'video_mllama')."""
     inter_idx = [1, 3] if vision_layers >= 4 else [1]
     return {
@@ -54,7 +55,7 @@ def tiny_config_dict(image_size: int = 112, vision_hidden: int = 32, text_hidden
             'rope_theta': 500000.0,
             'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
                              'high_freq_factor': 4.0, 'original_max_position_embeddings': 64},
-            'max_position_embeddings': 4096,
+            'max_position_embeddings': max_positions,
             'bos_token_id': TINY_SPECIAL_TOKENS[grammar.BOS],
             'eos_token_id': TINY_SPECIAL_TOKENS[grammar.EOT],
             'pad_token_id': TINY_SPECIAL_TOKENS['<|finetune_right_pad_id|>'],
@@ -69,6 +70,35 @@ def tiny_config_dict(image_size: int = 112, vision_hidden: int = 32, text_hidden
             'vision_output_dim': vision_hidden * (1 + len(inter_idx)), 'norm_eps': 1e-5,
         },
     }
+
+
+#: Special-token ids of the real 11B vocabulary (moss-model.md sections 3 and 5.1).
+MOSS_SPECIAL_TOKENS: Dict[str, int] = {
+    grammar.BOS: 128000, '<|end_of_text|>': 128001, '<|finetune_right_pad_id|>': 128004,
+    grammar.START_HEADER: 128006, grammar.END_HEADER: 128007, grammar.EOT: 128009,
+    grammar.SILENCE: 128011, grammar.ELLIPSIS: 128012, grammar.VIDEO: 128255,
+    grammar.IMAGE: 128256,
+}
+
+
+def moss_11b_config_dict() -> dict:
+    """config.json of the 11B model in the MOSS layout (moss-model.md section 3), for random
+    weights of the real shapes (benchmarks: speed does not depend on weight values)."""
+    cfg = tiny_config_dict(image_size=560, vision_hidden=1280, text_hidden=4096,
+                           text_layers=40, cross_layers=(3, 8, 13, 18, 23, 28, 33, 38),
+                           intermediate=14336, vision_layers=32, global_layers=8, heads=32,
+                           kv_heads=8, vision_heads=16, max_positions=131072)
+    cfg['image_token_index'] = MOSS_SPECIAL_TOKENS[grammar.IMAGE]
+    cfg['silence_token_id'] = MOSS_SPECIAL_TOKENS[grammar.SILENCE]
+    cfg['torch_dtype'] = 'bfloat16'
+    text = cfg['text_config']
+    text.update(vocab_size=128256, bos_token_id=128000, eos_token_id=128009,
+                pad_token_id=128004)
+    text['rope_scaling']['original_max_position_embeddings'] = 8192
+    vision = cfg['vision_config']
+    vision.update(intermediate_size=5120, intermediate_layers_indices=[3, 7, 15, 23, 30],
+                  vision_output_dim=7680)
+    return cfg
 
 
 def _bytes_to_unicode() -> Dict[int, str]:

@@ -5,8 +5,14 @@ import numpy as np
 
 from ..engine import events as ev
 
-#: Encodings converted to RGB; anything else is rejected with a reason.
-SUPPORTED_ENCODINGS = ('rgb8', 'bgr8', 'rgba8', 'bgra8', 'mono8', 'mono16', '8UC1', '8UC3')
+#: Encodings converted to RGB (with rosbags-image: demosaicing, YUV, 16-bit scaled to 8-bit);
+#: anything else is rejected with a reason.
+SUPPORTED_ENCODINGS = (
+    'rgb8', 'bgr8', 'rgba8', 'bgra8', 'mono8', 'mono16', '8UC1', '8UC3', 'rgb16', 'bgr16',
+    'rgba16', 'bgra16', 'bayer_rggb8', 'bayer_bggr8', 'bayer_gbrg8', 'bayer_grbg8',
+    'bayer_rggb16', 'bayer_bggr16', 'bayer_gbrg16', 'bayer_grbg16', 'yuv422', 'yuv422_yuy2')
+#: Depth / float / raw-integer encodings: not camera colour images, rejected with this reason.
+DEPTH_ENCODINGS = ('32FC1', '16UC1', '32FC2', '32FC3', '32FC4', '64FC1', '16SC1', '32SC1')
 MAX_SIDE_PX = 8192  # larger images are rejected before decoding (bounded time and memory)
 
 
@@ -35,8 +41,12 @@ def image_to_rgb(msg) -> np.ndarray:
         raise ImageError('empty', 'image has zero width or height')
     if msg.width > MAX_SIDE_PX or msg.height > MAX_SIDE_PX:
         raise ImageError('too_large', f'{msg.width}x{msg.height} exceeds {MAX_SIDE_PX} px')
+    if msg.encoding in DEPTH_ENCODINGS:
+        raise ImageError('encoding', f'{msg.encoding} is a depth/float image, not a camera '
+                                     'colour image (subscribe the colour topic)')
     if msg.encoding not in SUPPORTED_ENCODINGS:
-        raise ImageError('encoding', f'unsupported encoding {msg.encoding!r}')
+        raise ImageError('encoding', f'unsupported encoding {msg.encoding!r} (supported: '
+                                     f'{", ".join(SUPPORTED_ENCODINGS)})')
     if msg.step * msg.height != len(msg.data):
         raise ImageError('size', f'step*height={msg.step * msg.height} != {len(msg.data)} bytes')
     from rosbags.image import message_to_cvimage

@@ -129,6 +129,10 @@ class AssistantNode(LifecycleNode):
             self.get_logger().error(f'qos.image_reliability={reliability!r}: expected '
                                     'best_effort or reliable')
             return TransitionCallbackReturn.FAILURE
+        if self.engine is not None and self.engine.state == 'error':
+            # a lifecycle cycle (deactivate -> activate) recovers from an engine error
+            self.get_logger().warning('engine was in ERROR: restarting it with a fresh session')
+            self.engine.reset('lifecycle re-activation after an error')
         qos = QoSProfile(depth=1, history=qos_profile_sensor_data.history,
                          durability=qos_profile_sensor_data.durability,
                          reliability=(ReliabilityPolicy.BEST_EFFORT if reliability ==

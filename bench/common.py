@@ -1,0 +1,73 @@
+"""Shared helpers of the benchmark scripts (not part of the package)."""
+import json
+import os
+from pathlib import Path
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / 'bench' / 'results'
+
+#: A mid-size random model of the MOSS architecture (tens of millions of parameters) so that
+#: model compute, not Python overhead, dominates on the CPU (issue 5, item 5): 224 px frames ->
+#: 17 vision tokens per frame, 8 text layers (2 cross), 8 + 2 vision layers.
+MID_CONFIG = dict(image_size=224, vision_hidden=256, text_hidden=512, text_layers=8,
+                  cross_layers=(3, 7), intermediate=2048, vision_layers=8, global_layers=2,
+                  heads=8, kv_heads=2, vision_heads=4, max_positions=131072)
+TINY_CONFIG = dict(max_positions=131072)  # the section 9 tiny model; long streams allowed
+
+
+def write_model(kind: str, folder: Path) -> Path:
+    """Write the 'tiny' or 'mid' random checkpoint into ``folder`` (MOSS layout)."""
+    from mossv_ros.engine.tiny import tiny_config_dict, write_tiny_checkpoint
+    cfg = tiny_config_dict(**(MID_CONFIG if kind == 'mid' else TINY_CONFIG))
+    return write_tiny_checkpoint(folder / kind, seed=0, config_dict=cfg)
+
+
+def median(xs):
+    return float(statistics.median(xs)) if xs else float('nan')
+
+
+def percentile(xs, q):
+    return float(np.percentile(np.asarray(xs), q)) if len(xs) else float('nan')
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc), bytes."""
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def machine() -> dict:
+    return {'platform': platform.platform(), 'python': platform.python_version(),
+            'cpu_count': os.cpu_count(), 'processor': platform.processor() or 'unknown',
+            'time': time.strftime('%Y-%m-%d %H:%M:%S')}
+
+
+def count_params(runner) -> int:
+    return sum(p.numel() for p in runner.model.hf_model.parameters())
+
+
+def scene_images(n: int, width: int = 320, height: int = 240):
+    """``n`` frames of the package's generated scene, one per second of scene time."""
+    from mossv_ros.scene import render_frame
+    return [render_frame(float(i), width, height) for i in range(n)]
+
+
+def write_json(name: str, data: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(json.dumps(data, indent=2, default=float))
+    return path
+
+
+def verdict(ok: bool) -> str:
+    return 'PASS' if ok else 'MISS'

@@ -1,0 +1,126 @@
+"""Faults (issue 6): an exception inside the engine thread surfaces as Status ERROR and is
+recovered by ~/reset or by a lifecycle cycle without restarting the process; SIGTERM during
+generation shuts down cleanly within 2 s; a context budget too small fails configure clearly."""
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from .ros_helpers import spin_until, start_node, stop
+
+rclpy = pytest.importorskip('rclpy')
+pytestmark = pytest.mark.ros
+
+
+def _node(ros_context, tiny_checkpoint, **params):
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from mossv_ros.ros.node import AssistantNode
+    overrides = {'model.path': str(tiny_checkpoint), 'engine.device': 'cpu',
+                 'engine.dtype': 'float32', 'sampling.max_new_tokens': 8,
+                 'status.period_sec': 0.1, **params}
+    node = AssistantNode(context=ros_context, parameter_overrides=[
+        Parameter(k, value=v) for k, v in overrides.items()])
+    executor = MultiThreadedExecutor(num_threads=4, context=ros_context)
+    executor.add_node(node)
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
+    return node, executor
+
+
+def _feed(node, n=1, start=0):
+    from sensor_msgs.msg import Image
+    for i in range(start, start + n):
+        img = np.full((24, 32, 3), i % 255, np.uint8)
+        msg = Image(height=24, width=32, encoding='rgb8', step=96, data=img.tobytes())
+        msg.header.stamp.sec, msg.header.frame_id = 100 + i, 'cam'
+        node._on_image(msg)
+
+
+def test_engine_exception_then_reset_and_lifecycle_cycle_recover(ros_context, tiny_checkpoint):
+    from lifecycle_msgs.msg import State
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    from mossv_ros.msg import Status
+    from mossv_ros.srv import Ask, Reset
+    node, executor = _node(ros_context, tiny_checkpoint)
+    probe = rclpy.create_node('fault_probe', context=ros_context)
+    status = []
+    probe.create_subscription(Status, '/mossv_assistant/status', status.append, 100)
+    ask = probe.create_client(Ask, '/mossv_assistant/ask')
+    reset = probe.create_client(Reset, '/mossv_assistant/reset')
+
+    def call(client, req):
+        fut = client.call_async(req)
+        assert spin_until(probe, fut.done, 10)
+        return fut.result()
+
+    def break_engine():
+        real = node.engine.runner.feed
+
+        def boom(*a, **k):
+            node.engine.runner.feed = real  # fail once
+            raise RuntimeError('simulated CUDA fault')
+        node.engine.runner.feed = boom
+        _feed(node, 1, start=len(status) + 1000)
+        assert spin_until(probe, lambda: status and status[-1].state == Status.STATE_ERROR, 10)
+        assert 'simulated CUDA fault' in status[-1].last_error
+
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        assert ask.wait_for_service(timeout_sec=10) and reset.wait_for_service(timeout_sec=10)
+        break_engine()
+        res = call(ask, Ask.Request(prompt='still there?'))
+        assert not res.accepted and 'error' in res.message
+        assert call(reset, Reset.Request()).success
+        assert spin_until(probe, lambda: status[-1].state == Status.STATE_READY, 10)
+        assert call(ask, Ask.Request(prompt='back?')).accepted
+        break_engine()  # again, now recovered by a lifecycle cycle
+        assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        assert node._state_machine.current_state[0] == State.PRIMARY_STATE_ACTIVE
+        assert spin_until(probe, lambda: status[-1].state == Status.STATE_READY, 10)
+        assert ask.wait_for_service(timeout_sec=10)
+        assert call(ask, Ask.Request(prompt='and again?')).accepted
+    finally:
+        executor.shutdown(timeout_sec=1.0)
+        node._close_io()
+        node._stop_engine()
+        node.destroy_node()
+        probe.destroy_node()
+
+
+def test_context_budget_too_small_fails_configure_clearly(ros_context, tiny_checkpoint, caplog):
+    from rclpy.lifecycle import TransitionCallbackReturn
+    node, executor = _node(ros_context, tiny_checkpoint, **{'cache.max_context_tokens': 256})
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert node.engine is None or node.engine.state == 'error'
+    finally:
+        executor.shutdown(timeout_sec=1.0)
+        node._stop_engine()
+        node.destroy_node()
+
+
+def test_sigterm_during_generation_exits_cleanly_within_2s(ros_context, tiny_checkpoint):
+    from mossv_ros.msg import Question, Token
+    proc = start_node('--model', str(tiny_checkpoint), '--device', 'cpu', '--ros-args',
+                      '-p', 'sampling.max_new_tokens:=100000')
+    node = rclpy.create_node('sigterm_probe', context=ros_context)
+    tokens = []
+    node.create_subscription(Token, '/mossv_assistant/tokens', tokens.append, 100)
+    pub = node.create_publisher(Question, '/mossv_assistant/question', 10)
+    try:
+        assert spin_until(node, lambda: pub.get_subscription_count(), 30)
+        time.sleep(1.0)
+        pub.publish(Question(request_id='long', text='Talk for a long time.'))
+        assert spin_until(node, lambda: any(t.request_id == 'long' for t in tokens), 30)
+    finally:
+        code, took, out = stop(proc, sig=signal.SIGTERM)
+    assert code == 0, out
+    assert took < 2.0, (took, out)
+    assert 'Traceback' not in out, out

@@ -1,0 +1,137 @@
+"""Hypothesis fuzz of the input layers (issue 6): image conversion and prompt handling.
+
+Thousands of generated messages: no exception other than a classified ImageError escapes the
+converters, every rejection has a reason, every accepted image is uint8 RGB of the message's
+size; prompts are accepted cleaned or rejected with a reason, never raise.
+"""
+import cv2
+from hypothesis import given, HealthCheck, settings
+from hypothesis import strategies as st
+import numpy as np
+import pytest
+
+from mossv_ros.engine.policy import validate_prompt
+
+sensor_msgs = pytest.importorskip('sensor_msgs.msg')
+from mossv_ros.ros import convert  # noqa: E402 - needs the ROS wheels
+
+KINDS = {'convert', 'decode', 'empty', 'encoding', 'size', 'too_large'}
+ENCODINGS = list(convert.SUPPORTED_ENCODINGS) + list(convert.DEPTH_ENCODINGS) + [
+    '', 'jpeg', 'RGB8', 'nv12', 'bayer_xyz8', 'rgb8\x00', 'ü']
+BYTES_PER_PIXEL = {'mono8': 1, '8UC1': 1, 'mono16': 2, 'rgb8': 3, 'bgr8': 3, '8UC3': 3,
+                   'rgba8': 4, 'bgra8': 4, 'rgb16': 6, 'bgr16': 6, 'rgba16': 8, 'bgra16': 8,
+                   'yuv422': 2, 'yuv422_yuy2': 2, '32FC1': 4, '16UC1': 2}
+FUZZ = settings(max_examples=2000, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@st.composite
+def images(draw):
+    encoding = draw(st.sampled_from(ENCODINGS))
+    width = draw(st.integers(0, 48))
+    height = draw(st.integers(0, 48))
+    bpp = BYTES_PER_PIXEL.get(encoding, 2 if encoding.endswith('16') else 1)
+    step = draw(st.one_of(st.just(width * bpp), st.integers(0, 300)))
+    size = draw(st.one_of(st.just(step * height), st.integers(0, 5000)))
+    fill = draw(st.sampled_from(['random', 'nan', 'zeros']))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    if fill == 'nan' and size >= 4:
+        data = np.full(size // 4, np.nan, np.float32).tobytes() + b'\0' * (size % 4)
+    elif fill == 'zeros':
+        data = bytes(size)
+    else:
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    msg = sensor_msgs.Image(height=height, width=width, encoding=encoding, step=step,
+                            is_bigendian=draw(st.integers(0, 1)))
+    msg.data = data
+    return msg
+
+
+@FUZZ
+@given(images())
+def test_image_conversion_never_escapes(msg):
+    try:
+        rgb = convert.image_to_rgb(msg)
+    except convert.ImageError as exc:
+        assert exc.kind in KINDS and str(exc)
+        return
+    assert rgb.dtype == np.uint8 and rgb.shape == (msg.height, msg.width, 3)
+    assert rgb.flags['C_CONTIGUOUS']
+
+
+def _encoded(kind):
+    img = np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    return cv2.imencode('.jpg' if kind == 'jpeg' else '.png', img)[1].tobytes()
+
+
+VALID = {k: _encoded(k) for k in ('jpeg', 'png')}
+
+
+@st.composite
+def compressed(draw):
+    kind = draw(st.sampled_from(['jpeg', 'png', 'random']))
+    if kind == 'random':
+        data = draw(st.binary(max_size=2000))
+    else:
+        data = bytearray(VALID[kind])
+        cut = draw(st.integers(0, len(data)))
+        data = data[:cut]  # truncated
+        for pos in draw(st.lists(st.integers(0, max(0, len(data) - 1)), max_size=8)):
+            if data:
+                data[pos] = draw(st.integers(0, 255))  # corrupted
+        data = bytes(data)
+    msg = sensor_msgs.CompressedImage(format=draw(st.sampled_from(['jpeg', 'png', '', 'x'])))
+    msg.data = data
+    return msg
+
+
+@FUZZ
+@given(compressed())
+def test_compressed_conversion_never_escapes(msg):
+    try:
+        rgb = convert.compressed_to_rgb(msg)
+    except convert.ImageError as exc:
+        assert exc.kind in KINDS and str(exc)
+        return
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+
+
+@pytest.mark.parametrize('encoding', ['bayer_rggb8', 'bayer_grbg16', 'yuv422', 'yuv422_yuy2',
+                                      'mono16', 'bgra8', 'rgb16'])
+def test_convertible_encodings_convert(encoding):
+    bpp = BYTES_PER_PIXEL.get(encoding, 2 if encoding.endswith('16') else 1)
+    msg = sensor_msgs.Image(height=8, width=12, encoding=encoding, step=12 * bpp)
+    msg.data = np.arange(8 * 12 * bpp, dtype=np.uint8).tobytes()
+    rgb = convert.image_to_rgb(msg)
+    assert rgb.shape == (8, 12, 3) and rgb.dtype == np.uint8
+
+
+@pytest.mark.parametrize('encoding', ['32FC1', '16UC1', 'nv12', 'jpeg'])
+def test_unconvertible_encodings_are_rejected_with_a_reason(encoding):
+    msg = sensor_msgs.Image(height=4, width=4, encoding=encoding, step=16)
+    msg.data = bytes(64)
+    with pytest.raises(convert.ImageError, match='depth|unsupported') as info:
+        convert.image_to_rgb(msg)
+    assert info.value.kind == 'encoding'
+
+
+def test_8k_image_is_accepted_and_a_larger_one_rejected_before_decoding():
+    msg = sensor_msgs.Image(height=4320, width=7680, encoding='rgb8', step=7680 * 3)
+    msg.data = bytes(4320 * 7680 * 3)
+    assert convert.image_to_rgb(msg).shape == (4320, 7680, 3)
+    msg = sensor_msgs.Image(height=9000, width=9000, encoding='rgb8', step=27000)
+    with pytest.raises(convert.ImageError) as info:
+        convert.image_to_rgb(msg)
+    assert info.value.kind == 'too_large'
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(st.text(max_size=3000), st.binary(max_size=50), st.integers(), st.none()))
+def test_prompt_validation_never_raises(text):
+    ok, cleaned, reason = validate_prompt(text, 2000)
+    assert reason
+    if ok:
+        assert cleaned and cleaned == cleaned.strip() and len(cleaned) <= 2000
+        assert all(ch in '\n\t' or (ord(ch) >= 32 and ord(ch) != 127) for ch in cleaned)
+    else:
+        assert cleaned == ''
