@@ -77,8 +77,6 @@ def test_bag_replay_into_node_answers_every_question(ros_context, tiny_checkpoin
         assert [a.is_final for a in answers][-1:] == [True], \
             [(a.end_reason, a.is_final) for a in answers]
         assert all(a.question == text for a in answers)
-    assert got['answer'][-1].request_id == 'bag-1' and got['answer'][-1].end_reason in (
-        'shutdown', 'silence', 'max_new_tokens')
     assert {t.round_id for t in got['tokens'] if t.request_id == 'bag-0'} != \
         {t.round_id for t in got['tokens'] if t.request_id == 'bag-1'}
     assert any(s.state == Silence.STATE_SILENT for s in got['silence'])

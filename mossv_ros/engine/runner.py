@@ -26,6 +26,8 @@ from .moss_video import MossVideoModel
 from .preprocess import to_pixel_values
 
 log = logging.getLogger(__name__)
+#: Text-context tokens that must stay free after the session prompt (questions, answers).
+MIN_FREE_CONTEXT = 256
 
 
 @dataclass
@@ -266,7 +268,7 @@ class ModelRunner:
         cache = session.kv_cache
         if cache.length + n <= cache.capacity:
             return
-        if session.prefix_tokens + n > cache.capacity // 2:
+        if session.prefix_tokens + n > cache.capacity - 16:
             raise ValueError(f'{n} tokens do not fit the text context budget '
                              f'({cache.capacity} tokens)')
         want = max(n, (cache.capacity - session.prefix_tokens) // 4)
@@ -277,10 +279,10 @@ class ModelRunner:
         session.clear()
         ids = self.tokenize(grammar.session_start_text(system_prompt
                                                        or grammar.REALTIME_SYSTEM_PROMPT))
-        if len(ids) > session.kv_cache.capacity // 2:
+        if len(ids) + MIN_FREE_CONTEXT > session.kv_cache.capacity:
             raise ValueError(f'cache.max_context_tokens={session.kv_cache.capacity} is too '
                              f'small: the session prompt alone is {len(ids)} tokens; use at '
-                             f'least {2 * len(ids)}')
+                             f'least {len(ids) + MIN_FREE_CONTEXT}')
         logits = self.feed(session, ids)
         session.prefix_tokens = len(ids)
         return logits
