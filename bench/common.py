@@ -71,3 +71,60 @@ def write_json(name: str, data: dict) -> Path:
 
 def verdict(ok: bool) -> str:
     return 'PASS' if ok else 'MISS'
+
+
+def question_ids(runner, question: str):
+    """Token ids that insert ``question`` mid-stream (moss-model.md section 7.4 step 5)."""
+    from mossv_ros.engine import prompt as grammar
+    return runner.tokenize(grammar.question_text(question))
+
+
+def drain(engine):
+    """Take every queued engine event."""
+    out = []
+    while not engine.events.empty():
+        out.append(engine.events.get_nowait())
+    return out
+
+
+def speaking_engine(runner, cfg):
+    """A started engine that speaks continuously (greedy, ``<|silence|>`` suppressed), for
+    decode-throughput measurements."""
+    from mossv_ros.engine.engine import StreamingEngine
+    from mossv_ros.engine.sampling import Sampler
+    runner.config = cfg
+    sampler = Sampler(cfg.sampling, runner.suppressed_ids() + [runner.special.silence],
+                      runner.vocab_size)
+    engine = StreamingEngine(cfg, runner=runner, sampler=sampler)
+    engine.start()
+    assert engine.wait_ready(300), engine.stats().last_error
+    return engine
+
+
+def decode_window(engine, images, fps: float, window_s: float):
+    """Count tokens emitted during ``window_s`` seconds while a feeder thread submits frames at
+    ``fps`` (0 = none). :returns: (tokens per second, frame latencies of the window, s)."""
+    import threading
+
+    from mossv_ros.engine.events import Frame, TokenEvent
+    stop = threading.Event()
+
+    def feeder():
+        i = 0
+        while not stop.wait(1.0 / fps):
+            engine.submit_frame(Frame(images[i % len(images)], stamp=i,
+                                      arrival_ts=time.monotonic()))
+            i += 1
+    drain(engine)
+    n_lat = len(engine.frame_latencies)
+    thread = threading.Thread(target=feeder) if fps else None
+    t0 = time.monotonic()
+    if thread:
+        thread.start()
+    time.sleep(window_s)
+    stop.set()
+    if thread:
+        thread.join()
+    tokens = [e for e in drain(engine) if isinstance(e, TokenEvent)
+              and t0 <= e.emit_ts <= t0 + window_s]
+    return len(tokens) / window_s, list(engine.frame_latencies)[n_lat:]

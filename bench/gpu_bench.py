@@ -12,15 +12,22 @@ Speed does not depend on weight values, so random weights of the real shapes are
 """
 import argparse
 import tempfile
-import threading
 import time
 
-from common import machine, median, verdict, write_json
+from common import (  # bench/ is on sys.path when run as a script
+    decode_window,
+    drain,
+    machine,
+    median,
+    question_ids,
+    speaking_engine,
+    verdict,
+    write_json,
+)
 import torch
 
 from mossv_ros.engine.config import EngineConfig, SamplingConfig
-from mossv_ros.engine.engine import StreamingEngine
-from mossv_ros.engine.events import Frame, TokenEvent
+from mossv_ros.engine.events import Frame
 from mossv_ros.engine.offline import offline_prompt_text
 from mossv_ros.engine.runner import ModelRunner
 from mossv_ros.engine.sampling import Sampler
@@ -98,8 +105,7 @@ def bench_runner(runner, frames, device):
         encoded = runner.encode_frames([img])[0]
         encoded.frame_index = i
         runner.feed(session, [s.silence, s.image], [(1, encoded)])
-    q_ids = runner.tokenize('<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n' + QUESTION
-                            + '<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n')
+    q_ids = question_ids(runner, QUESTION)
     sampler = Sampler(SamplingConfig(), runner.suppressed_ids(), runner.vocab_size)
     saved = (session.kv_cache.length, session.next_pos)
     ttft = []
@@ -116,13 +122,9 @@ def bench_runner(runner, frames, device):
 
 def bench_engine(runner, frames, window_s, fill_frames):
     """Decode tokens/s through the engine threads: no frames vs ingesting 1 fps."""
-    s = runner.special
     cfg = runner.config
     cfg.sampling = SamplingConfig(temperature=0.0, max_new_tokens=1_000_000)
-    sampler = Sampler(cfg.sampling, runner.suppressed_ids() + [s.silence], runner.vocab_size)
-    engine = StreamingEngine(cfg, runner=runner, sampler=sampler)
-    engine.start()
-    assert engine.wait_ready(300), engine.stats().last_error
+    engine = speaking_engine(runner, cfg)
     out = {}
     try:
         i = 0
@@ -131,41 +133,14 @@ def bench_engine(runner, frames, window_s, fill_frames):
                                       arrival_ts=time.monotonic()))
             i += 1
             time.sleep(0.05)
-            _drain(engine)
+            drain(engine)
         for fps in (0, 1):
-            stop = threading.Event()
-
-            def feeder():
-                k = 0
-                while not stop.wait(1.0 / fps):
-                    engine.submit_frame(Frame(frames[k % len(frames)], stamp=10_000 + k,
-                                              arrival_ts=time.monotonic()))
-                    k += 1
-            _drain(engine)
-            n_lat = len(engine.frame_latencies)
-            thread = threading.Thread(target=feeder) if fps else None
-            t0 = time.monotonic()
-            if thread:
-                thread.start()
-            time.sleep(window_s)
-            stop.set()
-            if thread:
-                thread.join()
-            toks = [e for e in _drain(engine) if isinstance(e, TokenEvent)
-                    and t0 <= e.emit_ts <= t0 + window_s]
-            out[f'tokens_per_s_{fps}fps'] = len(toks) / window_s
-            lat = list(engine.frame_latencies)[n_lat:]
+            rate, lat = decode_window(engine, frames, fps, window_s)
+            out[f'tokens_per_s_{fps}fps'] = rate
             out[f'frame_latency_p50_s_{fps}fps'] = median(lat) if lat else float('nan')
         out['frames_cached_during_decode'] = engine.stats().num_frames_cached
     finally:
         engine.stop()
-    return out
-
-
-def _drain(engine):
-    out = []
-    while not engine.events.empty():
-        out.append(engine.events.get_nowait())
     return out
 
 

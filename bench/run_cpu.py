@@ -7,17 +7,20 @@ medians over repeats, warm-up excluded. Prints tables, writes ``bench/results/cp
 """
 import argparse
 import tempfile
-import threading
 import time
 
 from common import (  # bench/ is on sys.path when run as a script
     count_params,
+    decode_window,
+    drain,
     machine,
     median,
     percentile,
+    question_ids,
     RESULTS,
     rss_bytes,
     scene_images,
+    speaking_engine,
     verdict,
     write_json,
     write_model,
@@ -53,8 +56,7 @@ def bench_ttft(runner, sizes, repeats, offline_repeats):
     (encode all frames after the question + prefill + first sample)."""
     images = scene_images(max(sizes))
     sampler = Sampler(SamplingConfig(temperature=0.0), runner.suppressed_ids(), runner.vocab_size)
-    q_ids = runner.tokenize('<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n' + QUESTION
-                            + '<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n')
+    q_ids = question_ids(runner, QUESTION)
     encoded = []
     for i in range(0, len(images), 32):
         encoded += runner.encode_frames(images[i:i + 32])
@@ -98,12 +100,7 @@ def bench_decode(runner, fps_list, window_s, rounds):
                        frame_rate_hz=30.0, max_frames=64, max_context_tokens=4096,
                        max_frame_queue=8,
                        sampling=SamplingConfig(temperature=0.0, max_new_tokens=1_000_000))
-    runner.config = cfg
-    s = runner.special
-    sampler = Sampler(cfg.sampling, runner.suppressed_ids() + [s.silence], runner.vocab_size)
-    engine = StreamingEngine(cfg, runner=runner, sampler=sampler)
-    engine.start()
-    assert engine.wait_ready(60), engine.stats().last_error
+    engine = speaking_engine(runner, cfg)
     images = scene_images(16)
     results = {fps: [] for fps in fps_list}
     latencies = {fps: [] for fps in fps_list}
@@ -118,32 +115,13 @@ def bench_decode(runner, fps_list, window_s, rounds):
                 engine.submit_frame(Frame(images[i % len(images)], stamp=i,
                                           arrival_ts=time.monotonic()))
                 i += 1
-            _drain(engine)
+            drain(engine)
             time.sleep(0.05)
         for r in range(rounds):
             for fps in fps_list[r % len(fps_list):] + fps_list[:r % len(fps_list)]:
-                stop = threading.Event()
-
-                def feeder():
-                    i = 0
-                    while not stop.wait(1.0 / fps):
-                        engine.submit_frame(Frame(images[i % len(images)], stamp=i,
-                                                  arrival_ts=time.monotonic()))
-                        i += 1
-                _drain(engine)
-                n_lat = len(engine.frame_latencies)
-                thread = threading.Thread(target=feeder) if fps else None
-                t0 = time.monotonic()
-                if thread:
-                    thread.start()
-                time.sleep(window_s)
-                stop.set()
-                if thread:
-                    thread.join()
-                tokens = [e for e in _drain(engine) if isinstance(e, TokenEvent)
-                          and t0 <= e.emit_ts <= t0 + window_s]
-                results[fps].append(len(tokens) / window_s)
-                latencies[fps] += list(engine.frame_latencies)[n_lat:]
+                rate, lat = decode_window(engine, images, fps, window_s)
+                results[fps].append(rate)
+                latencies[fps] += lat
     finally:
         engine.stop()
     rows = []
@@ -159,13 +137,6 @@ def bench_decode(runner, fps_list, window_s, rounds):
               f'  frame latency p50 {r["frame_latency_p50_s"] * 1e3:.1f} ms'
               f' p95 {r["frame_latency_p95_s"] * 1e3:.1f} ms', flush=True)
     return rows
-
-
-def _drain(engine):
-    out = []
-    while not engine.events.empty():
-        out.append(engine.events.get_nowait())
-    return out
 
 
 # ----------------------------------------------------------------------------- 3. memory
@@ -186,10 +157,10 @@ def bench_memory(path, num_frames, budget):
                 if engine.state == 'error':
                     raise RuntimeError(f'engine failed: {engine.stats().last_error}')
                 time.sleep(0.001)
-                _drain(engine)
+                drain(engine)
             engine.submit_frame(Frame(images[i % len(images)], stamp=i), stamp_sec=float(i))
             if i % 100 == 0 or i == num_frames - 1:
-                _drain(engine)
+                drain(engine)
                 st = engine.stats()
                 samples.append({'frame': i, 'rss_bytes': rss_bytes(),
                                 'cache_bytes': st.cache_bytes,
@@ -201,9 +172,7 @@ def bench_memory(path, num_frames, budget):
     ref = full[0]['rss_bytes'] if full else samples[0]['rss_bytes']
     later = [s['rss_bytes'] for s in full[1:]] or [ref]
     growth = (max(later) - ref) / ref
-    vc = runner.model
-    per_frame = (2 * len(vc.cross_layer_ids) * vc.num_kv_heads * vc.tokens_per_frame
-                 * vc.head_dim * 4)
+    per_frame = engine._session.vision_cache.bytes_per_frame
     print(f'    {num_frames} frames, budget {budget}: RSS {samples[0]["rss_bytes"] / 2**20:.0f}'
           f' -> {samples[-1]["rss_bytes"] / 2**20:.0f} MiB, growth after the cache filled '
           f'{growth * 100:+.2f} %, cache max {max(s["cache_bytes"] for s in samples) / 2**20:.2f}'
@@ -373,8 +342,6 @@ def main(argv=None):
     print('\n  3. memory over a long stream (tiny model, eviction budget on)')
     report['memory'] = bench_memory(write_model('tiny', Path(tmp.name) / 'mem'),
                                     300 if ns.quick else 3600, 16 if ns.quick else 64)
-    report['memory']['bytes_per_frame'] = {
-        k: None for k in report['models']}
     print('\n  4. ROS overhead (in-process node, tiny model)')
     report['ros'] = bench_ros(Path(tmp.name) / 'tiny', report['models']['mid']['decode_step_s'])
     report['wall_s'] = time.monotonic() - t_start
