@@ -94,7 +94,7 @@ def test_engine_exception_then_reset_and_lifecycle_cycle_recover(ros_context, ti
         probe.destroy_node()
 
 
-def test_context_budget_too_small_fails_configure_clearly(ros_context, tiny_checkpoint, caplog):
+def test_context_budget_too_small_fails_configure_clearly(ros_context, tiny_checkpoint):
     from rclpy.lifecycle import TransitionCallbackReturn
     node, executor = _node(ros_context, tiny_checkpoint, **{'cache.max_context_tokens': 256})
     try:
