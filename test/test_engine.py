@@ -249,3 +249,83 @@ def test_streamed_token_texts_add_up_to_the_answer_with_multibyte_utf8(tiny_chec
     assert len(tokens) == len(text.encode('utf-8'))
     assert ''.join(t.text for t in tokens) == answer.text == text
     assert all('\ufffd' not in t.text for t in tokens)
+
+
+def _events(engine):
+    out = []
+    while not engine.events.empty():
+        out.append(engine.events.get_nowait())
+    return out
+
+
+def test_device_oom_evicts_frames_and_continues(tiny_checkpoint):
+    """A simulated device OOM (the forward raises torch.OutOfMemoryError once more than 6
+    frames are cached, like a device with room for 6) evicts frames, caps the cache, reports
+    a non-fatal error and keeps going: later frames are fed and a question is answered."""
+    import torch
+    engine, runner, sampler, _ = make(tiny_checkpoint, max_frames=32)
+    model = runner.model
+    real = model.forward_text
+
+    def small_device(ids, positions, kv_cache, vision_cache, all_logits=False):
+        if vision_cache.num_frames > 6:
+            raise torch.OutOfMemoryError('CUDA out of memory (simulated)')
+        return real(ids, positions, kv_cache, vision_cache, all_logits)
+
+    model.forward_text = small_device
+    try:
+        for i in range(20):
+            assert engine.submit_frame(frame(i), stamp_sec=float(i))
+            assert engine.wait_idle(10)
+        ok, rid, _ = engine.submit_question('Still watching?')
+        assert ok and engine.wait_idle(10)
+        assert engine.submit_frame(frame(20), stamp_sec=20.0) and engine.wait_idle(10)
+        stats = engine.stats()
+        evs = _events(engine)
+    finally:
+        engine.stop()
+    assert stats.state == 'ready' and stats.num_oom_events >= 1
+    assert 1 <= stats.num_frames_cached <= 6
+    assert stats.num_frames_encoded == 21  # nothing dropped
+    ooms = [e for e in evs if isinstance(e, ev.ErrorEvent) and 'out of memory' in e.message]
+    assert ooms and not any(e.fatal for e in ooms)
+    assert not any(isinstance(e, ev.ErrorEvent) and e.fatal for e in evs)
+    assert any(isinstance(e, ev.RoundEvent) and e.kind == 'started' and e.round_id == rid
+               for e in evs)
+
+
+def test_camera_gap_resets_session_when_configured(tiny_checkpoint):
+    """Frames stop for 30 s of stamp time and resume: with reset_after_gap_sec 10 the session
+    restarts (one reset, cache holds only new frames); with 0 it continues; both record it."""
+    for limit, resets in ((10.0, 1), (0.0, 0)):
+        engine, runner, _, _ = make(tiny_checkpoint, max_frames=32, reset_after_gap_sec=limit)
+        try:
+            for i, t in enumerate([0.0, 1.0, 2.0, 32.0, 33.0]):
+                assert engine.submit_frame(frame(i), stamp_sec=t)
+                assert engine.wait_idle(10)
+            stats = engine.stats()
+            evs = _events(engine)
+        finally:
+            engine.stop()
+        assert stats.longest_frame_gap_sec == pytest.approx(30.0)
+        assert stats.num_session_resets == resets
+        assert stats.num_frames_cached == (2 if resets else 5)
+        reasons = [e.reason for e in evs if isinstance(e, ev.SessionResetEvent)]
+        assert reasons == (['camera gap of 30.0 s'] if resets else [])
+
+
+def test_question_while_loading_is_refused_with_a_reason(tiny_checkpoint):
+    import threading
+    gate = threading.Event()
+    cfg = EngineConfig(model_path=str(tiny_checkpoint))
+    engine = StreamingEngine(cfg, load_progress=lambda done, total: gate.wait(10))
+    engine.start()
+    try:
+        ok, rid, message = engine.submit_question('Are you there?')
+        assert not ok and rid == 0 and 'not ready' in message and 'loading' in message
+        gate.set()
+        assert engine.wait_ready(30)
+        assert engine.submit_question('Are you there?')[0]
+    finally:
+        gate.set()
+        engine.stop()

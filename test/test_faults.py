@@ -1,6 +1,8 @@
-"""Faults (issue 6): an exception inside the engine thread surfaces as Status ERROR and is
-recovered by ~/reset or by a lifecycle cycle without restarting the process; SIGTERM during
-generation shuts down cleanly within 2 s; a context budget too small fails configure clearly."""
+"""Faults (issue 6): an exception inside the engine thread surfaces as Status ERROR and takes
+the node out of Active through ErrorProcessing; ~/reset or a lifecycle cycle recovers without
+restarting the process; Ask during model loading gets "not ready"; a camera gap shows on
+Status; SIGTERM during generation shuts down cleanly within 2 s; a context budget too small
+fails configure clearly."""
 import signal
 import threading
 import time
@@ -68,6 +70,9 @@ def test_engine_exception_then_reset_and_lifecycle_cycle_recover(ros_context, ti
         _feed(node, 1, start=len(status) + 1000)
         assert spin_until(probe, lambda: status and status[-1].state == Status.STATE_ERROR, 10)
         assert 'simulated CUDA fault' in status[-1].last_error
+        # the lifecycle went Active -> ErrorProcessing -> Unconfigured
+        assert spin_until(probe, lambda: node._state_machine.current_state[0] ==
+                          State.PRIMARY_STATE_UNCONFIGURED, 10)
 
     try:
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
@@ -79,13 +84,99 @@ def test_engine_exception_then_reset_and_lifecycle_cycle_recover(ros_context, ti
         assert call(reset, Reset.Request()).success
         assert spin_until(probe, lambda: status[-1].state == Status.STATE_READY, 10)
         assert call(ask, Ask.Request(prompt='back?')).accepted
-        break_engine()  # again, now recovered by a lifecycle cycle
-        assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+        assert node._state_machine.current_state[0] == State.PRIMARY_STATE_ACTIVE
+        break_engine()  # again, now recovered by a lifecycle cycle (no model reload)
+        engine = node.engine
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        assert node.engine is engine
         assert node._state_machine.current_state[0] == State.PRIMARY_STATE_ACTIVE
         assert spin_until(probe, lambda: status[-1].state == Status.STATE_READY, 10)
         assert ask.wait_for_service(timeout_sec=10)
         assert call(ask, Ask.Request(prompt='and again?')).accepted
+    finally:
+        executor.shutdown(timeout_sec=1.0)
+        node._close_io()
+        node._stop_engine()
+        node.destroy_node()
+        probe.destroy_node()
+
+
+def test_ask_while_loading_says_not_ready(ros_context, tiny_checkpoint):
+    """~/ask exists in every lifecycle state: before configure it says the node is not
+    active, during the model load it says the model is loading, then it accepts."""
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from mossv_ros.ros.node import AssistantNode
+    from mossv_ros.srv import Ask
+
+    gate, loading = threading.Event(), threading.Event()
+
+    def slow_load(done, total):
+        loading.set()
+        gate.wait(20)
+
+    node = AssistantNode(context=ros_context, load_progress=slow_load, parameter_overrides=[
+        Parameter('model.path', value=str(tiny_checkpoint)),
+        Parameter('engine.device', value='cpu'), Parameter('engine.dtype', value='float32')])
+    executor = MultiThreadedExecutor(num_threads=4, context=ros_context)
+    executor.add_node(node)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    probe = rclpy.create_node('loading_probe', context=ros_context)
+    ask = probe.create_client(Ask, '/mossv_assistant/ask')
+
+    def call(prompt):
+        fut = ask.call_async(Ask.Request(prompt=prompt))
+        assert spin_until(probe, fut.done, 10)
+        return fut.result()
+
+    result = {}
+    try:
+        assert ask.wait_for_service(timeout_sec=10)
+        res = call('hello?')
+        assert not res.accepted and 'not ready' in res.message and 'unconfigured' in res.message
+        up = threading.Thread(target=lambda: result.update(
+            c=node.trigger_configure(), a=node.trigger_activate()))
+        up.start()
+        assert loading.wait(20)
+        res = call('hello?')
+        assert not res.accepted and res.message == 'not ready: the model is loading'
+        gate.set()
+        up.join(30)
+        assert result == {'c': TransitionCallbackReturn.SUCCESS,
+                          'a': TransitionCallbackReturn.SUCCESS}
+        assert call('hello?').accepted
+    finally:
+        gate.set()
+        executor.shutdown(timeout_sec=1.0)
+        node._close_io()
+        node._stop_engine()
+        node.destroy_node()
+        probe.destroy_node()
+
+
+def test_camera_gap_shows_on_status_and_resets(ros_context, tiny_checkpoint):
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    from mossv_ros.msg import Status
+    node, executor = _node(ros_context, tiny_checkpoint, **{'frames.reset_after_gap_sec': 10.0})
+    probe = rclpy.create_node('gap_probe', context=ros_context)
+    status = []
+    probe.create_subscription(Status, '/mossv_assistant/status', status.append, 100)
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        _feed(node, 3, start=0)  # stamps 100, 101, 102 s
+        assert node.engine.wait_idle(10)
+        # the camera is silent: Status reports the time since the newest image (node clock)
+        assert spin_until(probe, lambda: status and status[-1].frame_gap_sec > 1e6, 10)
+        _feed(node, 2, start=30)  # stamps 130, 131 s: a 28 s gap
+        assert spin_until(probe, lambda: status and status[-1].num_session_resets == 1, 10)
+        assert status[-1].longest_frame_gap_sec == pytest.approx(28.0)
+        spin_until(probe, lambda: status[-1].num_frames_cached == 2, 10)
+        assert status[-1].num_frames_cached == 2, (status[-1], node.engine.stats())
     finally:
         executor.shutdown(timeout_sec=1.0)
         node._close_io()

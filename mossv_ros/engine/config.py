@@ -68,6 +68,8 @@ class EngineConfig:
         following its last utterance; later utterances until then are revisions.
     :ivar max_memory_bytes: optional cap on vision + text cache bytes (0 = off); on overflow
         frames are evicted (simulates device OOM handling on the CPU).
+    :ivar reset_after_gap_sec: start a fresh session when consecutive frame stamps are more
+        than this many seconds apart (the camera stopped; 0 = keep the session).
     """
 
     model_path: str = ''
@@ -86,6 +88,7 @@ class EngineConfig:
     max_frame_queue: int = 4
     max_memory_bytes: int = 0
     round_close_after_frames: int = 30
+    reset_after_gap_sec: float = 0.0
     system_prompt: str = ''
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
@@ -122,6 +125,9 @@ class EngineConfig:
                'an int >= 0 (0 = off)')
         _check(self.round_close_after_frames >= 0, 'round.close_after_frames',
                self.round_close_after_frames, 'an int >= 0 (0 = rounds stay open)')
+        _check(math.isfinite(self.reset_after_gap_sec) and self.reset_after_gap_sec >= 0.0,
+               'frames.reset_after_gap_sec', self.reset_after_gap_sec,
+               'a float >= 0 (0 = off)')
         self.sampling.validate()
         return self
 

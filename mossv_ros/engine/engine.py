@@ -106,6 +106,9 @@ class StreamingEngine:
         #: seconds from a frame's arrival to its insertion in the vision cache, newest last
         #: (bounded; read by benchmarks and Status)
         self.frame_latencies: deque = deque(maxlen=4096)
+        self._idle = False  # engine thread waiting with nothing to do (guarded by _cv)
+        self._encoding = False  # encoder thread holds a popped frame (guarded by _cv)
+        self._last_fed_stamp: Optional[float] = None
         self._reset_state()
 
     # ------------------------------------------------------------------ public API
@@ -149,6 +152,24 @@ class StreamingEngine:
             time.sleep(0.01)
         return False
 
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Block until every submitted frame, question and control has been consumed and
+        the model is silent, waiting for input (evaluation and tests pace a stream with it).
+
+        :returns: True when idle, False on timeout or if the engine stopped.
+        """
+        end = time.monotonic() + timeout
+        with self._cv:
+            while True:
+                if (self._idle and not self._encoding and self._mode == SILENT
+                        and not (self._frames or self._ready or self._questions
+                                 or self._controls)):
+                    return True
+                left = end - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    return False
+                self._cv.wait(min(left, 0.05))
+
     def admit(self, stamp_sec: float) -> bool:
         """Rate-limit check for a frame stamped ``stamp_sec`` (seconds); commits on True.
 
@@ -173,6 +194,7 @@ class StreamingEngine:
         with self._cv:
             if not admitted and not self._limiter.accept(t):
                 return False
+            frame.reset_reason = self._note_gap(t)
             if len(self._frames) >= self.config.max_frame_queue:
                 self._frames.popleft()
                 self.stats_data.num_dropped_frames += 1
@@ -180,6 +202,23 @@ class StreamingEngine:
             self.stats_data.num_frames_received += 1
             self._cv.notify_all()
         return True
+
+    def _note_gap(self, t: float) -> str:
+        """Track the gap between fed frames (stamp seconds). :returns: a reset reason when
+        the gap exceeds ``reset_after_gap_sec`` (the session restarts right before this
+        frame, after the frames queued ahead of it), else ''. Holds ``_cv``."""
+        last, self._last_fed_stamp = self._last_fed_stamp, t
+        if last is None or t <= last:
+            return ''
+        gap = t - last
+        s = self.stats_data
+        s.longest_frame_gap_sec = max(s.longest_frame_gap_sec, gap)
+        limit = self.config.reset_after_gap_sec
+        if limit and gap > limit:
+            log.info('no frame for %.1f s (> frames.reset_after_gap_sec %.1f): new session',
+                     gap, limit)
+            return f'camera gap of {gap:.1f} s'
+        return ''
 
     def submit_question(self, text: str, request_id: str = ''):
         """Queue a question. :returns: (accepted, round_id, message); never raises on input."""
@@ -244,14 +283,19 @@ class StreamingEngine:
                 frame = self._frames.popleft()
                 index = self._next_frame_index
                 self._next_frame_index += 1
+                self._encoding = True
             try:
                 encoded = self.runner.encode_frames([frame.image])[0]
             except Exception as exc:  # noqa: BLE001 - bad frame: count, report, keep going
                 self.stats_data.num_dropped_frames += 1
+                with self._cv:
+                    self._encoding = False
+                    self._cv.notify_all()
                 self._emit(ErrorEvent(f'frame {index} could not be encoded: {exc}'))
                 continue
             encoded.frame_index = index
             with self._cv:
+                self._encoding = False
                 if len(self._ready) >= self.config.max_frame_queue:
                     self._ready.popleft()
                     self.stats_data.num_dropped_frames += 1
@@ -297,14 +341,19 @@ class StreamingEngine:
             ready = None
             if control is None and question is None:
                 if self._mode == SILENT and not self._ready:
+                    self._idle = True
+                    self._cv.notify_all()
                     self._cv.wait(0.1)
                     return
                 ready = self._ready.popleft() if self._ready else None
+            self._idle = False
         if control is not None:
             self._do_reset(control[1])
         elif question is not None:
             self._do_question(question)
         else:
+            if ready is not None and ready[0].reset_reason:
+                self._do_reset(ready[0].reset_reason)
             self._do_step(ready)
 
     def _reset_state(self) -> None:
@@ -337,7 +386,9 @@ class StreamingEngine:
         if not tokens:
             return
         self._check_positions(len(tokens))
+        ooms = self._session.num_oom_events
         logits = self.runner.feed(self._session, tokens, frames)
+        self._report_oom(ooms)
         self._pending = None
         if ready is not None:
             frame, encoded = ready
@@ -351,6 +402,16 @@ class StreamingEngine:
             self._count_silent_frame()
         self._on_token(token)
 
+    def _report_oom(self, before: int) -> None:
+        session = self._session
+        if session.num_oom_events == before:
+            return
+        self.stats_data.num_oom_events += session.num_oom_events - before
+        self._emit(ErrorEvent(f'device out of memory: evicted frames down to '
+                              f'{session.vision_cache.num_frames} cached '
+                              f'({session.cache_bytes} bytes, now the cap); continuing',
+                              round_id=self._round.round_id))
+
     def _do_question(self, question: Question) -> None:
         tokens = [] if self._pending is None else [self._pending]
         self._end_round(END_INTERRUPTED if self._utterance else END_SILENCE)
@@ -362,7 +423,9 @@ class StreamingEngine:
                               question=question.text))
         try:
             self._check_positions(len(tokens))
+            ooms = self._session.num_oom_events
             logits = self.runner.feed(self._session, tokens)
+            self._report_oom(ooms)
         except ValueError as exc:
             self._pending = None
             self._emit(ErrorEvent(f'question rejected: {exc}', round_id=question.round_id))
@@ -374,6 +437,7 @@ class StreamingEngine:
         self._on_token(self._sample(logits))
 
     def _do_reset(self, reason: str) -> None:
+        self.stats_data.num_session_resets += 1
         self._end_round(END_RESET)
         self._cancel_pending(END_RESET)
         self._reset_state()

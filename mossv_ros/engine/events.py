@@ -25,12 +25,14 @@ class Frame:
     :ivar stamp: the input header stamp, copied to every output it conditions.
     :ivar frame_id: the camera's TF frame.
     :ivar arrival_ts: ``time.monotonic()`` when the frame was received, seconds.
+    :ivar reset_reason: set by the engine: start a new session before this frame (camera gap).
     """
 
     image: Any
     stamp: Any = None
     frame_id: str = ''
     arrival_ts: float = 0.0
+    reset_reason: str = ''
 
 
 @dataclass
@@ -162,5 +164,8 @@ class EngineStats:
     num_rounds_answered: int = 0
     num_rounds_cancelled: int = 0
     num_rounds_failed: int = 0
+    num_session_resets: int = 0
+    num_oom_events: int = 0
+    longest_frame_gap_sec: float = 0.0
     last_error: str = ''
     last_metrics: Optional[RoundMetrics] = None

@@ -60,6 +60,9 @@ class Session:
         self.prefix_tokens = 0  # tokens never evicted from the text cache (session prefix)
         self.num_evicted_frames = 0
         self.num_evicted_tokens = 0
+        self.num_oom_events = 0
+        self.oom_cap_bytes = 0  # cache-bytes cap learned from a device OOM (0 = none); kept
+        # across clear(): the device did not grow
 
     def clear(self) -> None:
         self.kv_cache.clear()
@@ -226,6 +229,8 @@ class ModelRunner:
         cache.insert(slot, self.model.finalize_keys(frame.keys, position), frame.values,
                      position, frame_index)
         cap = self.config.max_memory_bytes
+        if session.oom_cap_bytes:
+            cap = min(cap, session.oom_cap_bytes) if cap else session.oom_cap_bytes
         while cap and session.cache_bytes > cap and cache.num_frames > 1:
             _, evicted = self._evict_one(session)
         return evicted
@@ -259,10 +264,35 @@ class ModelRunner:
             self.insert_frame(session, frame, start + offset, frame.frame_index)
         ids = torch.tensor([list(token_ids)], dtype=torch.long)
         positions = torch.arange(start, start + n, dtype=torch.long)
-        logits = self.model.forward_text(ids, positions, session.kv_cache,
-                                         session.vision_cache, all_logits=all_logits)
+        try:
+            logits = self.model.forward_text(ids, positions, session.kv_cache,
+                                             session.vision_cache, all_logits=all_logits)
+        except torch.OutOfMemoryError:
+            # Nothing was committed (the KV cache length moves only after a full forward):
+            # evict frames, cap the cache below where it failed, retry once.
+            self._recover_from_oom(session)
+            logits = self.model.forward_text(ids, positions, session.kv_cache,
+                                             session.vision_cache, all_logits=all_logits)
         session.next_pos += n
         return logits[0] if all_logits else logits[0, -1]
+
+    def _recover_from_oom(self, session: Session) -> None:
+        """Device out of memory during a forward: evict half the cached frames (eviction
+        policy order, the newest kept), free the allocator cache, and cap cache bytes at the
+        new size for the rest of the session. :raises torch.OutOfMemoryError: nothing left
+        to evict."""
+        cache = session.vision_cache
+        evictable = cache.num_frames - 1
+        if evictable < 1:
+            raise torch.OutOfMemoryError('device out of memory with one frame cached')
+        for _ in range(max(1, cache.num_frames // 2)):
+            self._evict_one(session)
+        session.num_oom_events += 1
+        session.oom_cap_bytes = session.cache_bytes
+        if self.config.device.startswith('cuda'):
+            torch.cuda.empty_cache()
+        log.warning('device out of memory: evicted to %d frames; cache capped at %d bytes',
+                    cache.num_frames, session.oom_cap_bytes)
 
     def _make_room(self, session: Session, n: int) -> None:
         cache = session.kv_cache

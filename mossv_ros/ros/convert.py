@@ -128,7 +128,8 @@ def answer_msg(event: ev.AnswerEvent):
 STATUS_STATES = {'unloaded': 0, 'loading': 1, 'ready': 2, 'error': 3}
 
 
-def status_msg(stats: ev.EngineStats, num_invalid_frames: int, newest: ev.FrameRef):
+def status_msg(stats: ev.EngineStats, num_invalid_frames: int, newest: ev.FrameRef,
+               frame_gap_sec: float = math.nan):
     from mossv_ros.msg import Status
     m = stats.last_metrics or ev.RoundMetrics()
     msg = Status(state=STATUS_STATES.get(stats.state, 3), state_text=stats.state,
@@ -140,5 +141,8 @@ def status_msg(stats: ev.EngineStats, num_invalid_frames: int, newest: ev.FrameR
                  num_invalid_frames=num_invalid_frames, cache_bytes=stats.cache_bytes,
                  num_context_tokens=stats.num_context_tokens, ttft_sec=float(m.ttft_sec),
                  itl_sec=float(m.itl_sec), frame_lag_sec=float(m.frame_lag_sec),
-                 last_error=stats.last_error)
+                 frame_gap_sec=float(frame_gap_sec),
+                 longest_frame_gap_sec=float(stats.longest_frame_gap_sec),
+                 num_session_resets=stats.num_session_resets,
+                 num_oom_events=stats.num_oom_events, last_error=stats.last_error)
     return _header(msg, newest)

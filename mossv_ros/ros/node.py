@@ -65,6 +65,16 @@ class AssistantNode(LifecycleNode):
         self._service_cb = MutuallyExclusiveCallbackGroup()
         self._guard = None
         self._status_timer = None
+        self._loading = False
+        self._active = False
+        self._engine_failed = False  # a fatal engine error took the node out of Active
+        from mossv_ros.srv import Ask, Reset
+        # Services exist in every lifecycle state, so a caller always gets a reason
+        # ("model loading", "not active") instead of a missing service.
+        self._ask_srv = self.create_service(Ask, '~/ask', self._on_ask,
+                                            callback_group=self._service_cb)
+        self._reset_srv = self.create_service(Reset, '~/reset', self._on_reset,
+                                              callback_group=self._service_cb)
 
     # ------------------------------------------------------------------ lifecycle
     @_logged_transition
@@ -97,6 +107,15 @@ class AssistantNode(LifecycleNode):
         self._status_timer = self.create_timer(period, self._publish_status,
                                                callback_group=self._events_cb,
                                                clock=Clock(clock_type=ClockType.STEADY_TIME))
+        if self.engine is not None and self.engine.config == config:
+            # re-configure after an engine failure: same model, fresh session, no reload
+            self.engine.reset('reconfigured')
+            if not self.engine.wait_ready(60.0):
+                self.get_logger().error('engine failed to restart: '
+                                        f'{self.engine.stats().last_error}')
+                return TransitionCallbackReturn.FAILURE
+            return TransitionCallbackReturn.SUCCESS
+        self._stop_engine()
         if not config.model_path:
             self.get_logger().warning('model.path is empty: running with no model loaded '
                                       '(Status UNLOADED; Ask answers "model not loaded")')
@@ -106,11 +125,14 @@ class AssistantNode(LifecycleNode):
         self.get_logger().info(f'loading {config.model_path} ({config.dtype} on '
                                f'{config.device})')
         t0 = time.monotonic()
+        self._loading = True
         try:
             runner = ModelRunner(config, self._load_progress)
         except (CheckpointError, ValueError, OSError) as exc:
             self.get_logger().error(f'cannot load model: {exc}')
             return TransitionCallbackReturn.FAILURE
+        finally:
+            self._loading = False
         self.engine = StreamingEngine(config, runner=runner, on_event=self._on_engine_event)
         self.engine.start()
         if not self.engine.wait_ready(120.0):
@@ -123,7 +145,6 @@ class AssistantNode(LifecycleNode):
     @_logged_transition
     def on_activate(self, state) -> TransitionCallbackReturn:
         from mossv_ros.msg import Question
-        from mossv_ros.srv import Ask, Reset
         reliability = str(self.get_parameter('qos.image_reliability').value)
         if reliability not in ('best_effort', 'reliable'):
             self.get_logger().error(f'qos.image_reliability={reliability!r}: expected '
@@ -148,17 +169,28 @@ class AssistantNode(LifecycleNode):
                     callback_group=self._image_cb))
         self._io.append(self.create_subscription(Question, '~/question', self._on_question, 10,
                                                  callback_group=self._service_cb))
-        self._io.append(self.create_service(Ask, '~/ask', self._on_ask,
-                                            callback_group=self._service_cb))
-        self._io.append(self.create_service(Reset, '~/reset', self._on_reset,
-                                            callback_group=self._service_cb))
         self.get_logger().info('active: listening on ' + ', '.join(
             s.topic_name for s in self._io if hasattr(s, 'topic_name')))
+        self._active = True
+        self._engine_failed = False
         return super().on_activate(state)
 
     def on_deactivate(self, state) -> TransitionCallbackReturn:
+        self._active = False
         self._close_io()
+        if self._engine_failed:
+            # Leaving Active because the engine failed: go through ErrorProcessing
+            # (on_error) to Unconfigured; configure + activate or ~/reset recover.
+            return TransitionCallbackReturn.ERROR
         return super().on_deactivate(state)
+
+    def on_error(self, state) -> TransitionCallbackReturn:
+        """ErrorProcessing: keep the (failed) engine for a fast recovery, close the I/O."""
+        self._active = False
+        self._close_io()
+        self.get_logger().error('lifecycle: error processing after an engine failure; now '
+                                'unconfigured (recover with ~/reset or configure + activate)')
+        return TransitionCallbackReturn.SUCCESS
 
     def on_cleanup(self, state) -> TransitionCallbackReturn:
         self._close_io()
@@ -177,6 +209,9 @@ class AssistantNode(LifecycleNode):
             else:
                 self.destroy_subscription(entity)
         self._io = []
+
+    def _lifecycle_state(self) -> str:
+        return self._state_machine.current_state[1]
 
     def _stop_engine(self) -> None:
         if self.engine is not None:
@@ -228,6 +263,12 @@ class AssistantNode(LifecycleNode):
                                  stamp_sec=stamp_sec, admitted=True)
 
     def _submit(self, text: str, request_id: str):
+        if self._loading:
+            return False, 0, 'not ready: the model is loading'
+        if not self._active:
+            why = ' after an engine error' if self._engine_failed else ''
+            return False, 0, (f'not ready: the node is {self._lifecycle_state()}{why} '
+                              '(activate it, or call ~/reset after an error)')
         if self.engine is None:
             return False, 0, 'model not loaded (set model.path)'
         return self.engine.submit_question(text, request_id)
@@ -249,6 +290,14 @@ class AssistantNode(LifecycleNode):
     def _on_reset(self, request, response):
         if self.engine is None:
             response.success, response.message = False, 'model not loaded'
+        elif self._engine_failed and not self._active:
+            # recover from an engine failure: back to Active through the lifecycle
+            ok = (self._lifecycle_state() != 'unconfigured'
+                  or self.trigger_configure() == TransitionCallbackReturn.SUCCESS)
+            ok = ok and self.trigger_activate() == TransitionCallbackReturn.SUCCESS
+            response.success = bool(ok)
+            response.message = ('recovered: session reset, node active again' if ok else
+                                f'recovery failed: {self.engine.stats().last_error}')
         else:
             self.engine.reset('reset service')
             response.success, response.message = True, 'session reset'
@@ -290,6 +339,9 @@ class AssistantNode(LifecycleNode):
         elif isinstance(event, ev.ErrorEvent):
             log = self.get_logger().error if event.fatal else self.get_logger().warning
             log(f'engine: {event.message}')
+            if event.fatal and self._active:
+                self._engine_failed = True
+                self.trigger_deactivate()  # Active -> ErrorProcessing -> Unconfigured
         elif isinstance(event, ev.SessionResetEvent):
             self.get_logger().info(f'session reset: {event.reason}')
 
@@ -297,7 +349,11 @@ class AssistantNode(LifecycleNode):
         if 'status' not in self._pubs:
             return
         stats = self.engine.stats() if self.engine else ev.EngineStats(state='unloaded')
-        self._pubs['status'].publish(convert.status_msg(stats, self._num_invalid, self._newest))
+        gap = math.nan
+        if math.isfinite(self._last_stamp_sec):
+            gap = self.get_clock().now().nanoseconds * 1e-9 - self._last_stamp_sec
+        self._pubs['status'].publish(convert.status_msg(stats, self._num_invalid, self._newest,
+                                                        gap))
 
 
 def _raise_interrupt(signum, frame):
@@ -322,14 +378,24 @@ def main(args=None) -> int:
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
     code = 0
-    try:
+    result = {}
+
+    def bring_up():  # while the executor already serves ~/ask ("model is loading")
         if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
             node.get_logger().error('configure failed; exiting')
-            return 1
+            result['failed'] = True
+            executor.wake()
+            rclpy.try_shutdown()
+            return
         node.trigger_activate()
+
+    import threading
+    threading.Thread(target=bring_up, name='mossv-bring-up', daemon=True).start()
+    try:
         executor.spin()
+        code = 1 if result.get('failed') else 0
     except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        code = 1 if result.get('failed') else 0
     finally:
         node.get_logger().info('shutting down')
         node._close_io()

@@ -18,6 +18,7 @@ PARAM_TO_FIELD = {
     'engine.cpu_threads': 'cpu_threads',
     'frames.rate_hz': 'frame_rate_hz',
     'frames.max_queue': 'max_frame_queue',
+    'frames.reset_after_gap_sec': 'reset_after_gap_sec',
     'cache.max_frames': 'max_frames',
     'cache.num_sink_frames': 'num_sink_frames',
     'cache.eviction_policy': 'eviction_policy',
