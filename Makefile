@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean toyworld toyworld-eval
 
 setup:
 	@bash scripts/setup_env.sh
@@ -16,6 +16,15 @@ test: setup
 
 bench: setup
 	$(PY) bench/run_cpu.py
+
+# Retrain the shipped toyworld model (CPU, about 11 minutes) and score it.
+toyworld: setup
+	$(VENV)/bin/mossv-ros toyworld train --out mossv_ros/data/toyworld --seed 0
+	$(VENV)/bin/mossv-ros toyworld eval --json mossv_ros/data/toyworld/eval.json \
+		--contact-sheet docs/toyworld_contact.png
+
+toyworld-eval: setup
+	$(VENV)/bin/mossv-ros toyworld eval --strict
 
 lint: setup
 	$(PY) -m ruff check .

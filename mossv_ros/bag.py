@@ -116,6 +116,24 @@ def from_video(video: str, out_bag: str, questions: Sequence[Tuple[float, str]] 
     :raises ValueError: unreadable video, an unknown storage, or an empty video.
     :raises rosbags.rosbag2.WriterError: ``out_bag`` exists already.
     """
+    summary = from_frames(_video_frames(video, fps, width), out_bag, questions, storage,
+                          compressed, image_topic, question_topic, frame_id, start_ns,
+                          progress)
+    if summary.counts[image_topic] == 0:
+        raise ValueError(f'video {video} has no frames')
+    return summary
+
+
+def from_frames(frames: Iterable[Tuple[float, np.ndarray]], out_bag: str,
+                questions: Sequence[Tuple[float, str]] = (), storage: str = 'sqlite3',
+                compressed: bool = False, image_topic: str = DEFAULT_IMAGE_TOPIC,
+                question_topic: str = DEFAULT_QUESTION_TOPIC, frame_id: str = 'camera',
+                start_ns: Optional[int] = None,
+                progress: Optional[Callable[[int], None]] = None) -> BagSummary:
+    """Write a rosbag2 from (seconds, BGR uint8 (H, W, 3) frame) pairs and questions; the
+    arguments are those of :func:`from_video`. Frame and question stamps (header and record
+    time) are ``start_ns`` + their seconds.
+    """
     import cv2
     from rosbags.rosbag2 import StoragePlugin, Writer
 
@@ -149,7 +167,7 @@ def from_video(video: str, out_bag: str, questions: Sequence[Tuple[float, str]] 
                 counts[question_topic] += 1
                 written_ns.append(ns)
 
-        for t, frame in _video_frames(video, fps, width):
+        for t, frame in frames:
             ns = start_ns + int(round(t * 1e9))
             write_questions(ns)
             if compressed:
@@ -166,8 +184,6 @@ def from_video(video: str, out_bag: str, questions: Sequence[Tuple[float, str]] 
             written_ns.append(ns)
             if progress is not None:
                 progress(counts[image_topic])
-        if counts[image_topic] == 0:
-            raise ValueError(f'video {video} has no frames')
         write_questions(2**62)  # questions after the last frame still go in, in order
     return BagSummary(Path(out_bag), counts, start_ns, max(written_ns))
 

@@ -14,8 +14,15 @@ DEFAULT_TINY_DIR = Path(os.environ.get('MOSSV_ROS_CACHE', Path.home() / '.cache'
 
 
 def default_model_dir() -> Path:
-    """The embedded default model: a tiny random checkpoint of the MOSS architecture, written
-    by this package on first use (seeded, deterministic)."""
+    """The embedded default model: the toyworld checkpoint shipped in the package (a tiny
+    MOSS-architecture model trained by ``mossv-ros toyworld train``)."""
+    from .toyworld import shipped_model_dir
+    return shipped_model_dir()
+
+
+def random_tiny_model_dir() -> Path:
+    """A tiny random checkpoint of the MOSS architecture, written on first use (seeded,
+    deterministic): plumbing only, for real videos (``demo --video``)."""
     from .engine.tiny import write_tiny_checkpoint
     path = DEFAULT_TINY_DIR / 'tiny-random-seed0'
     if not (path / 'model.safetensors').is_file():
@@ -44,7 +51,8 @@ def cmd_run(ns) -> int:
 
 
 def cmd_demo(ns) -> int:
-    from .demo import run_demo
+    from .demo import DEMO_EPISODE_SEED, run_demo
+    ns.seed = DEMO_EPISODE_SEED if ns.seed is None else ns.seed
     return run_demo(ns)
 
 
@@ -129,6 +137,44 @@ def cmd_bag_play(ns) -> int:
     return 0
 
 
+def cmd_toyworld_train(ns) -> int:
+    from .toyworld.train import train, TrainConfig
+    cfg = TrainConfig(seed=ns.seed)
+    cfg.steps = ns.steps or cfg.steps
+    cfg.batch_size = ns.batch_size or cfg.batch_size
+    info = train(Path(ns.out), cfg)
+    print(f'wrote {ns.out}: {info["parameters"]} parameters, {info["wall_sec"]:.0f} s, '
+          f'final loss {info["final_loss"]:.4f}; loss curve {Path(ns.out) / "loss.png"}')
+    return 0
+
+
+def cmd_toyworld_eval(ns) -> int:
+    import json
+
+    from .toyworld import evaluate as tw
+    model = Path(ns.model) if ns.model else default_model_dir()
+    episodes = tw.eval_episodes(ns.episodes, seed_base=ns.seed_base)
+    metrics, said = tw.evaluate(model, episodes)
+    if ns.json:
+        tw.write_report(Path(ns.json), metrics, said)
+    if ns.contact_sheet:
+        from .toyworld.contact import contact_sheet
+        contact_sheet(episodes[0], said[0], Path(ns.contact_sheet))
+    print(json.dumps(metrics, indent=1))
+    targets = tw.meets_targets(metrics)
+    print('targets: ' + ', '.join(f'{k} {"PASS" if v else "MISS"}' for k, v in targets.items()))
+    return 0 if all(targets.values()) or not ns.strict else 1
+
+
+def cmd_toyworld_bag(ns) -> int:
+    from .toyworld.evaluate import eval_episodes
+    from .toyworld.rosbag import write_episodes_bag
+    summary = write_episodes_bag(eval_episodes(ns.episodes, seed_base=ns.seed_base),
+                                 ns.out_bag, storage=ns.storage)
+    print(f'wrote {summary.path}: ' + ', '.join(f'{t}: {n}' for t, n in summary.counts.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='mossv-ros', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -137,13 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument('--model', help='checkpoint directory (overrides model.path)')
     run.add_argument('--device', help='cpu, cuda or cuda:N (overrides engine.device)')
     run.set_defaults(func=cmd_run)
-    demo = sub.add_parser('demo', help='the embedded default: generated clip + tiny model')
-    demo.add_argument('--video', help='play this video file instead of the generated scene')
-    demo.add_argument('--model', help='checkpoint directory (default: shipped tiny model)')
-    demo.add_argument('--question', default='What do you see?', help='scripted question')
-    demo.add_argument('--ask-at', type=float, default=3.0, help='seconds into the clip')
-    demo.add_argument('--duration', type=float, default=12.0, help='seconds of clip to play')
-    demo.add_argument('--fps', type=float, default=10.0, help='camera rate of the generated clip')
+    demo = sub.add_parser('demo', help='the embedded default: a toyworld episode answered by '
+                          'the shipped toyworld model')
+    demo.add_argument('--video', help='play this video file (tiny random model) instead')
+    demo.add_argument('--scene', action='store_true',
+                      help='play the generated scene (tiny random model) instead')
+    demo.add_argument('--model', help='checkpoint directory (default: shipped toyworld model; '
+                      'tiny random model with --video/--scene)')
+    demo.add_argument('--seed', type=int, default=None,
+                      help='toyworld episode seed (default: a held-out demo episode)')
+    demo.add_argument('--speed', type=float, default=2.0,
+                      help='toyworld: play this many times faster than real time')
+    demo.add_argument('--contact-sheet', default='mossv_demo_contact.png',
+                      help="toyworld: PNG of the frames and what was said ('' = none)")
+    demo.add_argument('--question', default='What do you see?',
+                      help='--video/--scene: scripted question')
+    demo.add_argument('--ask-at', type=float, default=3.0,
+                      help='--video/--scene: seconds into the clip')
+    demo.add_argument('--duration', type=float, default=20.0, help='seconds of clip to play')
+    demo.add_argument('--fps', type=float, default=10.0, help='camera rate of the published clip')
     demo.set_defaults(func=cmd_demo)
     ask = sub.add_parser('ask', help='ask the running assistant and print the streamed answer')
     ask.add_argument('prompt')
@@ -188,6 +246,28 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument('--chunk', type=int, default=64, help='frames per vision forward')
     off.add_argument('--max-new-tokens', type=int, default=256)
     off.set_defaults(func=cmd_offline)
+    tw = sub.add_parser('toyworld', help='the toyworld model: train, eval, bag')
+    tw_sub = tw.add_subparsers(dest='toyworld_command', required=True)
+    tr = tw_sub.add_parser('train', help='train the tiny MOSS architecture on toyworld (CPU)')
+    tr.add_argument('--out', required=True, help='checkpoint directory to write')
+    tr.add_argument('--seed', type=int, default=0)
+    tr.add_argument('--steps', type=int, default=None, help='default: TrainConfig.steps')
+    tr.add_argument('--batch-size', type=int, default=None)
+    tr.set_defaults(func=cmd_toyworld_train)
+    ev = tw_sub.add_parser('eval', help='score a model on held-out episodes via the engine')
+    ev.add_argument('--model', help='checkpoint directory (default: the shipped toyworld model)')
+    ev.add_argument('--episodes', type=int, default=50)
+    ev.add_argument('--seed-base', type=int, default=1_000_000)
+    ev.add_argument('--json', help='write metrics and utterances here')
+    ev.add_argument('--contact-sheet', help='PNG of episode 0 frames with what was said')
+    ev.add_argument('--strict', action='store_true', help='exit 1 if a target is missed')
+    ev.set_defaults(func=cmd_toyworld_eval)
+    bg = tw_sub.add_parser('bag', help='write held-out episodes as a rosbag2 (ROS eval)')
+    bg.add_argument('out_bag')
+    bg.add_argument('--episodes', type=int, default=10)
+    bg.add_argument('--seed-base', type=int, default=1_000_000)
+    bg.add_argument('--storage', choices=['sqlite3', 'mcap'], default='sqlite3')
+    bg.set_defaults(func=cmd_toyworld_bag)
     return parser
 
 

@@ -1,5 +1,11 @@
-"""``mossv-ros demo``: a camera clip published at its real rate into the assistant, a scripted
-question, and a live terminal view of tokens, silence and revisions."""
+"""``mossv-ros demo``: a camera clip published into the assistant, scripted questions, and a
+live terminal view of tokens, silence and revisions.
+
+Default: a held-out toyworld episode (1 frame per second of stamp time, played ``--speed``
+times faster) with its own questions, answered by the shipped toyworld model; at the end a
+contact sheet PNG shows the frames next to what was said. ``--video``: a real video file (or
+``--scene``: the generated scene) with the tiny random model, at the clip's real rate.
+"""
 import threading
 import time
 
@@ -8,11 +14,19 @@ import rclpy
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
+from rclpy.time import Time
+
+#: The toyworld episode the demo plays by default (held out from training).
+DEMO_EPISODE_SEED = 1_000_017
 
 
 def _frames(ns):
-    """Yield (t_sec, RGB frame) from --video or the generated scene."""
-    if ns.video:
+    """Yield (t_sec, RGB frame) from --video, the toyworld episode or the generated scene."""
+    if getattr(ns, 'episode', None) is not None:
+        for t in range(ns.episode.num_frames):
+            for k in range(int(ns.fps)):  # a camera at ns.fps Hz; the node keeps 1 per second
+                yield t + k / ns.fps, ns.episode.frame(t)
+    elif ns.video:
         import cv2
         cap = cv2.VideoCapture(ns.video)
         if not cap.isOpened():
@@ -51,12 +65,24 @@ class _LoadBar:
 def run_demo(ns) -> int:
     from sensor_msgs.msg import Image
 
-    from .cli import default_model_dir
+    from .cli import default_model_dir, random_tiny_model_dir
     from .ros.client import AnswerView
     from .ros.node import AssistantNode
 
-    model = ns.model or str(default_model_dir())
-    print(f'mossv-ros demo: model {model}; clip: {ns.video or "generated scene"}')
+    ns.episode = None
+    if ns.video or ns.scene:
+        model = ns.model or str(random_tiny_model_dir())
+        speed = 1.0
+        questions = [(ns.ask_at, ns.question)]
+        clip = ns.video or 'generated scene'
+    else:
+        from .toyworld.world import make_episode
+        model = ns.model or str(default_model_dir())
+        ns.episode = make_episode(ns.seed, num_frames=int(ns.duration))
+        speed = ns.speed
+        questions = [(q.after_frame + 0.5, q.text) for q in ns.episode.questions]
+        clip = f'toyworld episode {ns.seed} ({ns.episode.num_frames} s at {speed:g}x)'
+    print(f'mossv-ros demo: model {model}; clip: {clip}')
     rclpy.init()
     bar = _LoadBar()
     node = AssistantNode(load_progress=bar, parameter_overrides=[
@@ -79,24 +105,32 @@ def run_demo(ns) -> int:
         bar.close()
         node.trigger_activate()
         start = time.monotonic()
-        asked = False
+        start_ns = camera.get_clock().now().nanoseconds
+        pending = sorted(questions)
         for t, frame in _frames(ns):
-            delay = start + t - time.monotonic()
+            delay = start + t / speed - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+            while pending and pending[0][0] <= t:
+                at, text = pending.pop(0)
+                ok, rid, message = node.engine.submit_question(text, 'demo')
+                print(f'\n>>> [{at:.1f} s] asked: {text!r} -> {message}')
             msg = Image(height=frame.shape[0], width=frame.shape[1], encoding='rgb8',
                         step=frame.shape[1] * 3, data=frame.tobytes())
-            msg.header.stamp = camera.get_clock().now().to_msg()
+            msg.header.stamp = Time(nanoseconds=start_ns + int(t * 1e9)).to_msg()
             msg.header.frame_id = 'demo_camera'
             pub.publish(msg)
-            if not asked and t >= ns.ask_at:
-                ok, rid, message = node.engine.submit_question(ns.question, 'demo')
-                print(f'\n>>> [{t:.1f} s] asked: {ns.question!r} -> {message}')
-                asked = True
         time.sleep(1.0)
         stats = node.engine.stats()
         print(f'\n--- demo done: {stats.num_frames_received} frames fed, '
               f'{stats.num_frames_cached} cached, {len(view.answers)} answer messages')
+        if ns.episode is not None and ns.contact_sheet:
+            from .toyworld.contact import contact_sheet
+            said = [(round((Time.from_msg(a.header.stamp).nanoseconds - start_ns) * 1e-9),
+                     a.text) for a in view.answers
+                    if a.text and a.header.frame_id and not a.is_final]
+            path = contact_sheet(ns.episode, said, ns.contact_sheet)
+            print(f'contact sheet (frames and what was said): {path}')
         return 0
     except KeyboardInterrupt:
         return 130

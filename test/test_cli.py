@@ -20,9 +20,30 @@ def mossv_ros(*args, timeout=180):
                           text=True, timeout=timeout, env=env)
 
 
-def test_demo_runs_to_completion_headless(tiny_checkpoint):
-    res = mossv_ros('demo', '--model', str(tiny_checkpoint), '--duration', '4', '--ask-at',
-                    '1.5', '--question', 'Which shapes are there?')
+def test_demo_default_toyworld_answers_and_saves_a_contact_sheet(tmp_path):
+    """The embedded default: a held-out toyworld episode answered by the shipped toyworld
+    model; the printed answers are the ones the episode's ground truth says, and a contact
+    sheet PNG is written."""
+    from mossv_ros.demo import DEMO_EPISODE_SEED
+    from mossv_ros.toyworld.world import make_episode, speech_frames
+
+    sheet = tmp_path / 'sheet.png'
+    res = mossv_ros('demo', '--speed', '4', '--contact-sheet', str(sheet))
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert 'toyworld episode' in out and '--- demo done:' in out and 'loading model' in out
+    episode = make_episode(DEMO_EPISODE_SEED, num_frames=20)
+    truth = [text for _, (_, text, _) in speech_frames(episode)]
+    assert truth
+    heard = sum(f': {text}' in out for text in truth)
+    assert heard >= 0.8 * len(truth), (truth, out)
+    assert sheet.stat().st_size > 10_000 and 'contact sheet' in out
+    assert 'Traceback' not in out
+
+
+def test_demo_generated_scene_with_a_scripted_question(tiny_checkpoint):
+    res = mossv_ros('demo', '--scene', '--model', str(tiny_checkpoint), '--duration', '4',
+                    '--ask-at', '1.5', '--question', 'Which shapes are there?')
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     assert "asked: 'Which shapes are there?' -> accepted as round 1" in out

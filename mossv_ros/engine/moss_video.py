@@ -133,9 +133,9 @@ class MossVideoModel(nn.Module):
         """
         return self.projector(self.pool(self.vision_features(pixel_values)))
 
-    @torch.no_grad()
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Vision tower with MOSS semantics: 1 tile, pads attended, 4.46 intermediates.
+        Differentiable (toyworld training); inference goes through :meth:`encode_vision`.
 
         :returns: (num_frames, num_patches + 1, vision_output_dim): the global encoder output
             followed by the intermediate states interleaved per channel (section 4.2.4).

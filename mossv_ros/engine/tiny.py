@@ -14,20 +14,29 @@ import torch
 from . import prompt as grammar
 from .checkpoint import _legacy_key
 
+
+def special_token_layout(base: int) -> Dict[str, int]:
+    """Special-token ids after ``base`` regular tokens, laid out like the real vocabulary
+    (moss-model.md sections 5.1 and 9): bos, end_of_text, pad, headers, eot, silence,
+    ``<|...|>``, reserved slots, then ``<|video|>`` = vocab - 1 and ``<|image|>`` = vocab,
+    where vocab (lm_head rows) = ``base + 16``."""
+    return {
+        grammar.BOS: base,
+        '<|end_of_text|>': base + 1,
+        '<|finetune_right_pad_id|>': base + 2,
+        grammar.START_HEADER: base + 3,
+        grammar.END_HEADER: base + 4,
+        grammar.EOT: base + 5,
+        grammar.SILENCE: base + 6,
+        grammar.ELLIPSIS: base + 7,
+        **{f'<|reserved_special_token_{i}|>': base + 4 + i for i in range(4, 11)},
+        grammar.VIDEO: base + 15,
+        grammar.IMAGE: base + 16,
+    }
+
+
 #: Special-token ids of the tiny vocabulary (moss-model.md section 9); 0-255 are bytes.
-TINY_SPECIAL_TOKENS: Dict[str, int] = {
-    grammar.BOS: 256,
-    '<|end_of_text|>': 257,
-    '<|finetune_right_pad_id|>': 258,
-    grammar.START_HEADER: 259,
-    grammar.END_HEADER: 260,
-    grammar.EOT: 261,
-    grammar.SILENCE: 262,
-    grammar.ELLIPSIS: 263,
-    **{f'<|reserved_special_token_{i}|>': 260 + i for i in range(4, 11)},
-    grammar.VIDEO: 271,
-    grammar.IMAGE: 272,
-}
+TINY_SPECIAL_TOKENS: Dict[str, int] = special_token_layout(256)
 TINY_VOCAB_SIZE = 272  # lm_head rows; embeddings have vocab + 8 rows
 
 
@@ -35,20 +44,26 @@ def tiny_config_dict(image_size: int = 112, vision_hidden: int = 32, text_hidden
                      text_layers: int = 5, cross_layers=(1, 3), intermediate: int = 128,
                      vision_layers: int = 4, global_layers: int = 2, heads: int = 4,
                      kv_heads: int = 2, vision_heads: int = 2,
-                     max_positions: int = 4096) -> dict:
-    """config.json contents in the published MOSS layout (model_type 'video_mllama')."""
+                     max_positions: int = 4096,
+                     special_tokens: Dict[str, int] = TINY_SPECIAL_TOKENS) -> dict:
+    """config.json contents in the published MOSS layout (model_type 'video_mllama').
+
+    :param special_tokens: ids by name (:func:`special_token_layout`); the vocabulary size is
+        the ``<|image|>`` id.
+    """
+    ids = special_tokens
     inter_idx = [1, 3] if vision_layers >= 4 else [1]
     return {
         'architectures': ['VideoMllamaForConditionalGeneration'],
         'model_type': 'video_mllama',
         'pool_mode': 'average',
         'pool_stride': 4,
-        'image_token_index': TINY_SPECIAL_TOKENS[grammar.IMAGE],
-        'silence_token_id': TINY_SPECIAL_TOKENS[grammar.SILENCE],
+        'image_token_index': ids[grammar.IMAGE],
+        'silence_token_id': ids[grammar.SILENCE],
         'torch_dtype': 'float32',
         'text_config': {
             'model_type': 'mllama_text_model',
-            'vocab_size': TINY_VOCAB_SIZE, 'hidden_size': text_hidden,
+            'vocab_size': ids[grammar.IMAGE], 'hidden_size': text_hidden,
             'num_attention_heads': heads, 'num_key_value_heads': kv_heads,
             'intermediate_size': intermediate, 'num_hidden_layers': text_layers,
             'cross_attention_layers': list(cross_layers), 'rms_norm_eps': 1e-5,
@@ -56,9 +71,9 @@ def tiny_config_dict(image_size: int = 112, vision_hidden: int = 32, text_hidden
             'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
                              'high_freq_factor': 4.0, 'original_max_position_embeddings': 64},
             'max_position_embeddings': max_positions,
-            'bos_token_id': TINY_SPECIAL_TOKENS[grammar.BOS],
-            'eos_token_id': TINY_SPECIAL_TOKENS[grammar.EOT],
-            'pad_token_id': TINY_SPECIAL_TOKENS['<|finetune_right_pad_id|>'],
+            'bos_token_id': ids[grammar.BOS],
+            'eos_token_id': ids[grammar.EOT],
+            'pad_token_id': ids['<|finetune_right_pad_id|>'],
             'tie_word_embeddings': False,
         },
         'vision_config': {

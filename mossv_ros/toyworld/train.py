@@ -1,0 +1,321 @@
+"""``mossv-ros toyworld train``: train the tiny MOSS architecture on toyworld transcripts.
+
+The training forward is the MOSS forward of :mod:`mossv_ros.engine.moss_video` written for
+batches and gradients (same sub-modules, same semantics: one tile per frame, CLS + 4x4 average
+pooling, cross-attention with the query rotated at its text position and keys rotated at the
+frame's ``<|image|>`` position then k-normed, cumulative visibility, rows with no visible frame
+skipping the cross layers; moss-model.md sections 4.2-4.5). The constant session prefix is run
+once per step without gradients and shared by the batch (its keys and values still follow the
+current weights).
+
+Loss: next-token cross-entropy on assistant tokens, ``<|silence|>`` targets weighted by
+``silence_weight`` (``ForCausalLMLossWithSilence``, moss-model.md section 4.8).
+"""
+from dataclasses import asdict, dataclass
+import json
+import math
+from pathlib import Path
+import time
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..engine import prompt as grammar
+from ..engine.moss_video import MossVideoModel
+from ..engine.preprocess import to_pixel_values
+from ..engine.tiny import build_tiny_model, tiny_config_dict, write_tiny_checkpoint
+from .data import build_tokenizer, save_tokenizer, transcript
+from .world import FRAME_PX, make_episode
+
+#: Seeds >= this are held out for evaluation; training episodes use seeds below it.
+EVAL_SEED_BASE = 1_000_000
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of ``toyworld train`` (the defaults reproduce the shipped model)."""
+
+    seed: int = 0
+    steps: int = 3500
+    batch_size: int = 8
+    lr: float = 4e-3
+    warmup: int = 30
+    weight_decay: float = 0.01
+    silence_weight: float = 0.5
+    episode_frames: int = 32
+    event_prob: float = 0.35
+    question_gap_min: int = 3
+    question_gap_max: int = 9
+    interrupt_prob: float = 0.15
+    qtype_p: tuple = (0.45, 0.2, 0.35)  # colour, count, when: the harder types more often
+    text_hidden: int = 96
+    text_intermediate: int = 256
+    vision_hidden: int = 64
+    threads: int = 0
+
+
+def model_config(cfg: TrainConfig, specials) -> dict:
+    """config.json of the toyworld model: the tiny MOSS architecture (moss-model.md section 9)
+    with the toyworld vocabulary."""
+    return tiny_config_dict(image_size=FRAME_PX, vision_hidden=cfg.vision_hidden,
+                            text_hidden=cfg.text_hidden, intermediate=cfg.text_intermediate,
+                            special_tokens=specials)
+
+
+def _rot(x, cos, sin):
+    from transformers.models.mllama.modeling_mllama import rotate_half
+    return x * cos + rotate_half(x) * sin
+
+
+class Trainer:
+    """Batched, differentiable MOSS forward over a stock ``MllamaForConditionalGeneration``."""
+
+    def __init__(self, hf_model, tok, specials, cfg: TrainConfig) -> None:
+        self.mv = MossVideoModel(hf_model, attn_implementation='sdpa')
+        self.tok, self.specials, self.cfg = tok, specials, cfg
+        ids = tok.encode(grammar.session_start_text(), add_special_tokens=False).ids
+        #: constant session prefix minus its last token (run without gradients)
+        self.prefix = torch.tensor(ids[:-1])
+
+    # -------------------------------------------------------------- vision
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> cross-attention states (N, T, hidden), with gradients."""
+        mv = self.mv
+        return mv.projector(mv.pool(mv.vision_features(pixels)))
+
+    # -------------------------------------------------------------- text
+    def _prefix_kv(self):
+        mv = self.mv
+        text = mv.text
+        with torch.no_grad():
+            x = text.embed_tokens(self.prefix[None])
+            pos = torch.arange(len(self.prefix))[None]
+            cos, sin = text.rotary_emb(x, pos)
+            kvs = []
+            for i, layer in enumerate(text.layers):
+                if i in mv.cross_layer_ids:
+                    kvs.append(None)
+                    continue  # no frame visible in the prefix: cross layers skipped
+                x, k, v = self._self_layer(layer, x, cos, sin, None)
+                kvs.append((k, v))
+        return kvs
+
+    def _self_layer(self, layer, x, cos, sin, past):
+        mv = self.mv
+        a = layer.self_attn
+        b, n, _ = x.shape
+        h = layer.input_layernorm(x)
+        q = a.q_proj(h).view(b, n, mv.num_heads, mv.head_dim).transpose(1, 2)
+        k = a.k_proj(h).view(b, n, mv.num_kv_heads, mv.head_dim).transpose(1, 2)
+        v = a.v_proj(h).view(b, n, mv.num_kv_heads, mv.head_dim).transpose(1, 2)
+        q, k = _rot(q, cos[:, None], sin[:, None]), _rot(k, cos[:, None], sin[:, None])
+        if past is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=a.scaling,
+                                                 enable_gqa=True)
+        else:
+            pk, pv = past
+            keys = torch.cat([pk.expand(b, -1, -1, -1), k], dim=2)
+            values = torch.cat([pv.expand(b, -1, -1, -1), v], dim=2)
+            p = pk.shape[2]
+            mask = torch.ones(n, p + n, dtype=torch.bool).tril(p)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                 scale=a.scaling, enable_gqa=True)
+        x = x + a.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x)), k, v
+
+    def _cross_layer(self, layer, x, cos, sin, states, frame_pos, mask, sees):
+        mv = self.mv
+        a = layer.cross_attn
+        b, n, _ = x.shape
+        nf, t = states.shape[1], states.shape[2]
+        h = layer.input_layernorm(x)
+        q = a.q_proj(h).view(b, n, mv.num_heads, mv.head_dim).transpose(1, 2)
+        q = _rot(a.q_norm(q), cos[:, None], sin[:, None])
+        k = a.k_proj(states).view(b, nf, t, mv.num_kv_heads, mv.head_dim)
+        v = a.v_proj(states).view(b, nf, t, mv.num_kv_heads, mv.head_dim)
+        fcos, fsin = mv.text.rotary_emb(k, frame_pos)  # (b, nf, head_dim)
+        k = a.k_norm(_rot(k, fcos[:, :, None, None], fsin[:, :, None, None]))
+        k = k.permute(0, 3, 1, 2, 4).reshape(b, mv.num_kv_heads, nf * t, mv.head_dim)
+        v = v.permute(0, 3, 1, 2, 4).reshape(b, mv.num_kv_heads, nf * t, mv.head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
+                                             scale=a.scaling, enable_gqa=True)
+        y = x + layer.cross_attn_attn_gate.tanh() * a.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        y = y + layer.cross_attn_mlp_gate.tanh() * layer.mlp(layer.post_attention_layernorm(y))
+        return torch.where(sees[..., None], y, x)
+
+    def logits(self, batch) -> torch.Tensor:
+        """Float32 logits (b, n, vocab) of every row after the shared prefix, i.e. the
+        prediction of ``ids[:, i + 1]`` at row i (see :meth:`collate`)."""
+        mv, text = self.mv, self.mv.text
+        ids, _, frame_pos, pixels, frame_map = batch
+        b, n = ids.shape
+        p = len(self.prefix)
+        states = self.encode(pixels)[frame_map]  # (b, nf, T, hidden)
+        past = self._prefix_kv()
+        x = text.embed_tokens(ids)
+        pos = torch.arange(p, p + n)[None].expand(b, -1)
+        cos, sin = text.rotary_emb(x, pos)
+        t = states.shape[2]
+        visible = frame_pos[:, None, :] <= pos[:, :, None]  # (b, n, nf)
+        sees = visible.any(-1)
+        mask = visible.repeat_interleave(t, dim=2) | ~sees[..., None]
+        for i, layer in enumerate(text.layers):
+            if i in mv.cross_layer_ids:
+                x = self._cross_layer(layer, x, cos, sin, states, frame_pos, mask, sees)
+            else:
+                x, _, _ = self._self_layer(layer, x, cos, sin, past[i])
+        return mv.lm_head(text.norm(x)).float()
+
+    def loss(self, batch) -> torch.Tensor:
+        """Weighted next-token loss of a collated batch (see :meth:`collate`)."""
+        ids, weights = batch[0], batch[1]
+        logits = self.logits(batch)[:, :-1]
+        w = weights[:, 1:].reshape(-1)
+        targets = ids[:, 1:].reshape(-1).masked_fill(w == 0, -100)  # <|image|> is not a row
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets,
+                             reduction='none', ignore_index=-100)
+        return (ce * w).sum() / w.sum().clamp_min(1e-6)
+
+    # -------------------------------------------------------------- data
+    def collate(self, episodes):
+        """Episodes -> (ids (b, n) int64, weights (b, n) float32, frame_pos (b, nf) int64,
+        pixels (u, 3, H, W) of the unique frames, frame_map (b, nf) int64 into them)."""
+        cfg = self.cfg
+        p = len(self.prefix)
+        trs = [transcript(ep, self.tok, self.specials, cfg.silence_weight, seed=ep.seed)
+               for ep in episodes]
+        n = max(len(tr.ids) for tr in trs) - p
+        nf = max(ep.num_frames for ep in episodes)
+        pad = self.specials['<|finetune_right_pad_id|>']
+        ids = torch.full((len(trs), n), pad, dtype=torch.long)
+        weights = torch.zeros(len(trs), n)
+        frame_pos = torch.full((len(trs), nf), 10 ** 6, dtype=torch.long)
+        frame_map = torch.zeros(len(trs), nf, dtype=torch.long)
+        unique, pixels = {}, []
+        for i, (ep, tr) in enumerate(zip(episodes, trs)):
+            ids[i, :len(tr.ids) - p] = torch.from_numpy(tr.ids[p:])
+            weights[i, :len(tr.ids) - p] = torch.from_numpy(tr.weights[p:])
+            frame_pos[i, :ep.num_frames] = torch.from_numpy(tr.frame_positions)
+            for t, state in enumerate(ep.states):
+                key = (ep.seed, ep.background, tuple(sorted(state.items())))
+                if key not in unique:
+                    unique[key] = len(pixels)
+                    pixels.append(to_pixel_values(ep.frame(t), FRAME_PX))
+                frame_map[i, t] = unique[key]
+        return ids, weights, frame_pos, torch.from_numpy(np.stack(pixels)), frame_map
+
+
+def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
+          log_every: int = 10) -> dict:
+    """Train and write a checkpoint directory loadable by the engine, plus ``train.json``
+    (config, loss curve, wall time) and ``loss.png``.
+
+    :returns: the ``train.json`` contents.
+    """
+    import os
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    torch.manual_seed(cfg.seed)
+    tok, specials = build_tokenizer()
+    config_dict = model_config(cfg, specials)
+    hf_model = build_tiny_model(config_dict, seed=cfg.seed, gate_value=0.5).train()
+    trainer = Trainer(hf_model, tok, specials, cfg)
+    decay = [p for n, p in hf_model.named_parameters() if p.ndim >= 2]
+    other = [p for n, p in hf_model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.weight_decay},
+                             {'params': other, 'weight_decay': 0.0}], lr=cfg.lr,
+                            betas=(0.9, 0.98))
+
+    def lr_at(step):
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    losses: List[float] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, desc='toyworld train', unit='step')
+    def make_batch(step):
+        episodes = [make_episode((cfg.seed * 7919 + step * cfg.batch_size + i) % EVAL_SEED_BASE,
+                                 num_frames=cfg.episode_frames, event_prob=cfg.event_prob,
+                                 question_gap=(cfg.question_gap_min, cfg.question_gap_max),
+                                 interrupt_prob=cfg.interrupt_prob, qtype_p=cfg.qtype_p)
+                    for i in range(cfg.batch_size)]
+        return trainer.collate(episodes)
+
+    # Batches are pure functions of the step (seeded episodes): a thread prepares the next
+    # ones while torch trains on the current one.
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='toyworld-data')
+    ahead = [pool.submit(make_batch, s) for s in range(min(2, cfg.steps))]
+    start = time.monotonic()
+    for step in range(cfg.steps):
+        batch = ahead.pop(0).result()
+        if step + 2 < cfg.steps:
+            ahead.append(pool.submit(make_batch, step + 2))
+        for group in opt.param_groups:
+            group['lr'] = lr_at(step)
+        loss = trainer.loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf_model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            if step % log_every == 0:
+                bar.set_postfix(loss=f'{np.mean(losses[-log_every:]):.4f}')
+    pool.shutdown()
+    if bar is not None:
+        bar.close()
+    wall = time.monotonic() - start
+    hf_model.eval()
+    out_dir = Path(out_dir)
+    write_tiny_checkpoint(out_dir, config_dict=config_dict, model=hf_model)
+    save_tokenizer(tok, out_dir)
+    info = {'command': f'mossv-ros toyworld train --out {out_dir} --seed {cfg.seed} '
+                       f'--steps {cfg.steps} --batch-size {cfg.batch_size}',
+            'config': asdict(cfg), 'wall_sec': round(wall, 1),
+            'parameters': sum(p.numel() for p in hf_model.parameters()),
+            'vocab_size': config_dict['text_config']['vocab_size'],
+            'final_loss': float(np.mean(losses[-20:])),
+            'loss_curve': [round(v, 5) for v in losses]}
+    (out_dir / 'train.json').write_text(json.dumps(info, indent=1))
+    plot_loss(losses, out_dir / 'loss.png')
+    return info
+
+
+def plot_loss(losses: List[float], path: Path, window: int = 10) -> None:
+    """Loss curve PNG (matplotlib, Agg backend)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, alpha=0.3, label='step')
+    if len(losses) >= window:
+        smooth = np.convolve(losses, np.ones(window) / window, mode='valid')
+        ax.plot(range(window - 1, len(losses)), smooth, label=f'mean of {window}')
+    ax.set_yscale('log')
+    ax.set_xlabel('step')
+    ax.set_ylabel('weighted next-token loss')
+    ax.set_title('toyworld training')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def time_steps(cfg: TrainConfig, n: int = 3) -> float:
+    """Seconds per training step (after one warm-up step), for sizing ``steps``."""
+    cfg = TrainConfig(**{**asdict(cfg), 'steps': n + 1})
+    start: Optional[float] = None
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.monotonic()
+        train(Path(tmp), cfg, progress=False)
+        start = time.monotonic() - t0
+    return start / (n + 1)

@@ -1,0 +1,182 @@
+"""Toyworld: world and transcripts follow the MOSS grammar, the training forward equals the
+engine's streaming forward, training learns, and the shipped model meets the issue's targets
+when streamed through the engine."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mossv_ros.engine import prompt as grammar
+from mossv_ros.toyworld import evaluate as tw_eval
+from mossv_ros.toyworld.data import build_tokenizer, transcript
+from mossv_ros.toyworld.world import make_episode, speech_frames
+
+
+@pytest.fixture(scope='module')
+def tokenizer():
+    return build_tokenizer()
+
+
+def test_world_is_seeded_and_changes():
+    a, b, c = make_episode(7), make_episode(7), make_episode(8)
+    assert all(np.array_equal(x, y) for x, y in zip(a.frames(), b.frames()))
+    assert not all(np.array_equal(x, y) for x, y in zip(a.frames(), c.frames()))
+    assert a.frame(0).shape == (112, 112, 3) and a.frame(0).dtype == np.uint8
+    assert len({tuple(sorted(s)) for s in a.states}) > 1  # shapes appear/disappear
+    assert a.questions and all(q.after_frame < a.num_frames - 1 for q in a.questions)
+
+
+def test_transcript_grammar(tokenizer):
+    tok, sp = tokenizer
+    sil, img, eot = sp[grammar.SILENCE], sp[grammar.IMAGE], sp[grammar.EOT]
+    for seed in range(20):
+        ep = make_episode(seed, interrupt_prob=0.5)
+        tr = transcript(ep, tok, sp, silence_weight=0.5)
+        ids = tr.ids.tolist()
+        assert [ids[p] for p in tr.frame_positions] == [img] * ep.num_frames
+        pairs = list(zip(ids, ids[1:]))
+        assert (sil, sil) not in pairs and (img, img) not in pairs  # section 5.4
+        assert not tr.weights[tr.ids == img].any() and not tr.weights[tr.ids == eot].any()
+        prefix = len(tok.encode(grammar.session_start_text(), add_special_tokens=False).ids)
+        # (the system prompt itself mentions `<|silence|>`: a prompt token, not a target)
+        assert set(tr.weights[prefix:][tr.ids[prefix:] == sil]) == {0.5}
+        words = tr.weights == 1.0
+        text = tok.decode(tr.ids[words].tolist())
+        for _, (_, said, _) in speech_frames(ep):
+            if not any(q.interrupt for q in ep.questions):
+                assert said in text
+    # the prefix is the engine's session start, byte for byte
+    prefix = tok.encode(grammar.session_start_text(), add_special_tokens=False).ids
+    assert ids[:len(prefix)] == prefix and ids[len(prefix)] == sil
+
+
+def test_tokenizer_layout_and_roundtrip(tokenizer, tmp_path):
+    from mossv_ros.engine.checkpoint import load_tokenizer, resolve_special_ids
+    from mossv_ros.toyworld.data import save_tokenizer
+
+    tok, sp = tokenizer
+    assert sp[grammar.VIDEO] == sp[grammar.IMAGE] - 1  # like 128255 / 128256
+    save_tokenizer(tok, tmp_path)
+    hf = load_tokenizer(tmp_path)
+    ids = resolve_special_ids(hf)
+    assert ids.image == sp[grammar.IMAGE] and ids.silence == sp[grammar.SILENCE]
+    text = 'Now the triangle is yellow.'
+    enc = hf.encode(text, add_special_tokens=False)
+    assert len(enc) <= 6 and hf.decode(enc) == text
+    assert hf.decode(hf.encode('héllo <|silence|>', add_special_tokens=False)) == \
+        'héllo <|silence|>'
+
+
+def test_training_forward_equals_engine_forward(tokenizer):
+    """The batched training forward and the engine's streaming feed give the same logits at
+    every row of a transcript (frames inserted at their <|image|> tokens)."""
+    from mossv_ros.engine.checkpoint import load_tokenizer
+    from mossv_ros.engine.config import EngineConfig
+    from mossv_ros.engine.runner import ModelRunner
+    from mossv_ros.engine.tiny import build_tiny_model
+    from mossv_ros.toyworld.data import save_tokenizer
+    from mossv_ros.toyworld.train import model_config, TrainConfig, Trainer
+
+    tok, sp = tokenizer
+    cfg = TrainConfig(text_hidden=32, text_intermediate=64, vision_hidden=16)
+    hf_model = build_tiny_model(model_config(cfg, sp), seed=3)
+    trainer = Trainer(hf_model, tok, sp, cfg)
+    eps = [make_episode(11, num_frames=6, question_gap=(2, 3), interrupt_prob=0.0),
+           make_episode(12, num_frames=8, question_gap=(2, 3), interrupt_prob=0.0)]
+    batch = trainer.collate(eps)
+    with torch.no_grad():
+        train_logits = trainer.logits(batch)
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        save_tokenizer(tok, Path(tmp))
+        hf_tok = load_tokenizer(Path(tmp))
+    runner = ModelRunner.from_model(EngineConfig(attn_implementation='eager'), hf_model, hf_tok)
+    p = len(trainer.prefix)
+    for b, ep in enumerate(eps):
+        tr = transcript(ep, tok, sp, cfg.silence_weight, seed=ep.seed)
+        session = runner.new_session()
+        runner.start_session(session)
+        frames = runner.encode_frames(ep.frames())
+        by_pos = {int(pos): f for pos, f in zip(tr.frame_positions, frames)}
+        worst = 0.0
+        for i in range(p + 1, len(tr.ids)):  # row p is the prefix's last token (fed above)
+            tok_id = int(tr.ids[i])
+            fr = [(0, by_pos[i])] if i in by_pos else []
+            logits = runner.feed(session, [tok_id], fr)
+            worst = max(worst, float((logits - train_logits[b, i - p]).abs().max()))
+        assert worst < 1e-4, worst
+
+
+def test_scoring_is_not_trivial():
+    """Perfect utterances score 1; a silent model misses every answer and revision; a model
+    that speaks at every frame has a false-speak rate of 1."""
+    eps = tw_eval.eval_episodes(8)
+    perfect = [[tw_eval.Utterance(t, text) for t, (_, text, _) in speech_frames(ep)]
+               for ep in eps]
+    m = tw_eval.score(eps, perfect)
+    assert m['answer_accuracy_all'] == 1.0 and m['revision_recall'] == 1.0
+    assert m['false_speak_rate'] == 0.0 and m['silence_recall'] == 1.0
+    assert all(tw_eval.meets_targets(m).values())
+    silent = tw_eval.score(eps, [[] for _ in eps])
+    assert silent['revision_recall'] == 0.0 and silent['answer_accuracy_all'] < 0.5
+    chatty = tw_eval.score(eps, [[tw_eval.Utterance(t, 'The circle is red.')
+                                  for t in range(ep.num_frames)] for ep in eps])
+    assert chatty['false_speak_rate'] == 1.0 and not all(tw_eval.meets_targets(chatty).values())
+    late = [[tw_eval.Utterance(u.frame + 3, u.text) for u in s] for s in perfect]
+    assert tw_eval.score(eps, late)['revision_recall'] < 0.1  # only coincidental repeats
+
+
+def test_short_training_learns(tmp_path):
+    """A few dozen steps cut the loss and write a checkpoint the engine loads."""
+    from mossv_ros.engine.config import EngineConfig
+    from mossv_ros.engine.runner import ModelRunner
+    from mossv_ros.toyworld.train import train, TrainConfig
+
+    info = train(tmp_path / 'm', TrainConfig(steps=40, batch_size=4, episode_frames=12,
+                                             text_hidden=32, text_intermediate=64,
+                                             vision_hidden=16), progress=False)
+    curve = info['loss_curve']
+    assert np.mean(curve[-5:]) < 0.5 * np.mean(curve[:5])
+    assert (tmp_path / 'm' / 'loss.png').stat().st_size > 1000
+    runner = ModelRunner(EngineConfig(model_path=str(tmp_path / 'm')))
+    assert runner.vocab_size == info['vocab_size']
+
+
+def test_shipped_model_was_trained_with_the_documented_defaults():
+    """``mossv-ros toyworld train --seed 0`` (TrainConfig defaults) is what produced the
+    committed checkpoint, and the engine loads it like a real checkpoint."""
+    import json
+    from dataclasses import asdict
+
+    from mossv_ros.engine.config import EngineConfig
+    from mossv_ros.engine.runner import ModelRunner
+    from mossv_ros.toyworld import shipped_model_dir
+    from mossv_ros.toyworld.train import TrainConfig
+
+    info = json.loads((shipped_model_dir() / 'train.json').read_text())
+    expected = json.loads(json.dumps(asdict(TrainConfig(seed=0))))
+    assert info['config'] == expected
+    assert info['wall_sec'] < 15 * 60
+    runner = ModelRunner(EngineConfig(model_path=str(shipped_model_dir())))
+    assert runner.vocab_size == info['vocab_size']
+    assert (shipped_model_dir() / 'model.safetensors').stat().st_size < 8 * 2**20
+
+
+def test_shipped_model_scores_through_the_engine():
+    """Held-out episodes streamed through the engine reproduce the committed evaluation
+    (eval.json) and stay far above what a silent or always-speaking model gets."""
+    import json
+
+    from mossv_ros.toyworld import shipped_model_dir
+
+    report = json.loads((shipped_model_dir() / 'eval.json').read_text())
+    committed = report['metrics']
+    episodes = tw_eval.eval_episodes(committed['episodes'])
+    metrics, said = tw_eval.evaluate(shipped_model_dir(), episodes)
+    for key in ('answer_accuracy_all', 'revision_recall', 'false_speak_rate', 'silence_recall'):
+        assert metrics[key] == pytest.approx(committed[key], abs=0.02), key
+    assert metrics['answer_accuracy_all'] >= 0.8 and metrics['revision_recall'] >= 0.8
+    assert metrics['false_speak_rate'] <= 0.05
+    assert report['targets'] == tw_eval.meets_targets(committed)
