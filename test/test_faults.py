@@ -33,6 +33,14 @@ def _node(ros_context, tiny_checkpoint, **params):
     return node, executor
 
 
+def _teardown(executor, node, *others):
+    executor.shutdown(timeout_sec=1.0)
+    node._close_io()
+    node._stop_engine()
+    for n in (node, *others):
+        n.destroy_node()
+
+
 def _feed(node, n=1, start=0):
     from sensor_msgs.msg import Image
     for i in range(start, start + n):
@@ -95,11 +103,7 @@ def test_engine_exception_then_reset_and_lifecycle_cycle_recover(ros_context, ti
         assert ask.wait_for_service(timeout_sec=10)
         assert call(ask, Ask.Request(prompt='and again?')).accepted
     finally:
-        executor.shutdown(timeout_sec=1.0)
-        node._close_io()
-        node._stop_engine()
-        node.destroy_node()
-        probe.destroy_node()
+        _teardown(executor, node, probe)
 
 
 def test_ask_while_loading_says_not_ready(ros_context, tiny_checkpoint):
@@ -150,11 +154,7 @@ def test_ask_while_loading_says_not_ready(ros_context, tiny_checkpoint):
         assert call('hello?').accepted
     finally:
         gate.set()
-        executor.shutdown(timeout_sec=1.0)
-        node._close_io()
-        node._stop_engine()
-        node.destroy_node()
-        probe.destroy_node()
+        _teardown(executor, node, probe)
 
 
 def test_camera_gap_shows_on_status_and_resets(ros_context, tiny_checkpoint):
@@ -178,11 +178,7 @@ def test_camera_gap_shows_on_status_and_resets(ros_context, tiny_checkpoint):
         spin_until(probe, lambda: status[-1].num_frames_cached == 2, 10)
         assert status[-1].num_frames_cached == 2, (status[-1], node.engine.stats())
     finally:
-        executor.shutdown(timeout_sec=1.0)
-        node._close_io()
-        node._stop_engine()
-        node.destroy_node()
-        probe.destroy_node()
+        _teardown(executor, node, probe)
 
 
 def test_context_budget_too_small_fails_configure_clearly(ros_context, tiny_checkpoint):

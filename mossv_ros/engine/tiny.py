@@ -146,10 +146,15 @@ def build_byte_tokenizer(special_tokens: Dict[str, int] = TINY_SPECIAL_TOKENS):
     return tok
 
 
-def write_tokenizer(path: Path, special_tokens: Dict[str, int] = TINY_SPECIAL_TOKENS) -> None:
-    """Write tokenizer.json and tokenizer_config.json loadable by ``AutoTokenizer``."""
+def write_tokenizer(path: Path, special_tokens: Dict[str, int] = TINY_SPECIAL_TOKENS,
+                    tokenizer=None) -> None:
+    """Write tokenizer.json and tokenizer_config.json loadable by ``AutoTokenizer``.
+
+    :param tokenizer: a ``tokenizers.Tokenizer`` to save (default: the byte-level one built
+        from ``special_tokens``).
+    """
     path.mkdir(parents=True, exist_ok=True)
-    build_byte_tokenizer(special_tokens).save(str(path / 'tokenizer.json'))
+    (tokenizer or build_byte_tokenizer(special_tokens)).save(str(path / 'tokenizer.json'))
     (path / 'tokenizer_config.json').write_text(json.dumps({
         'tokenizer_class': 'PreTrainedTokenizerFast',
         'bos_token': grammar.BOS, 'eos_token': grammar.EOT,

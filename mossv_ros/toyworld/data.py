@@ -17,7 +17,7 @@ from typing import Dict, List
 import numpy as np
 
 from ..engine import prompt as grammar
-from ..engine.tiny import special_token_layout
+from ..engine.tiny import special_token_layout, write_tokenizer
 from .world import (
     answer_text,
     COLOURS,
@@ -78,14 +78,7 @@ def build_tokenizer():
 
 def save_tokenizer(tok, path: Path) -> None:
     """tokenizer.json + tokenizer_config.json, loadable by ``AutoTokenizer``."""
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / 'tokenizer.json'))
-    (path / 'tokenizer_config.json').write_text(json.dumps({
-        'tokenizer_class': 'PreTrainedTokenizerFast',
-        'bos_token': grammar.BOS, 'eos_token': grammar.EOT,
-        'pad_token': '<|finetune_right_pad_id|>', 'model_max_length': 4096,
-        'clean_up_tokenization_spaces': False,
-    }, indent=2))
+    write_tokenizer(path, tokenizer=tok)
 
 
 @dataclass
