@@ -147,8 +147,8 @@ def test_short_training_learns(tmp_path):
 def test_shipped_model_was_trained_with_the_documented_defaults():
     """``mossv-ros toyworld train --seed 0`` (TrainConfig defaults) is what produced the
     committed checkpoint, and the engine loads it like a real checkpoint."""
-    import json
     from dataclasses import asdict
+    import json
 
     from mossv_ros.engine.config import EngineConfig
     from mossv_ros.engine.runner import ModelRunner
