@@ -14,6 +14,7 @@ import rclpy
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
+from rclpy.qos import qos_profile_sensor_data
 from rclpy.time import Time
 
 #: The toyworld episode the demo plays by default (held out from training).
@@ -24,8 +25,9 @@ def _frames(ns):
     """Yield (t_sec, RGB frame) from --video, the toyworld episode or the generated scene."""
     if getattr(ns, 'episode', None) is not None:
         for t in range(ns.episode.num_frames):
+            image = ns.episode.frame(t)
             for k in range(int(ns.fps)):  # a camera at ns.fps Hz; the node keeps 1 per second
-                yield t + k / ns.fps, ns.episode.frame(t)
+                yield t + k / ns.fps, image
     elif ns.video:
         import cv2
         cap = cv2.VideoCapture(ns.video)
@@ -88,11 +90,12 @@ def run_demo(ns) -> int:
     node = AssistantNode(load_progress=bar, parameter_overrides=[
         Parameter('model.path', value=model), Parameter('engine.device', value='cpu'),
         Parameter('engine.dtype', value='float32'),
-        Parameter('sampling.max_new_tokens', value=48),
-        Parameter('qos.image_reliability', value='reliable')])
+        Parameter('sampling.max_new_tokens', value=48)])
     view = AnswerView('/mossv_assistant', name='mossv_demo_view')
     camera = rclpy.create_node('mossv_demo_camera')
-    pub = camera.create_publisher(Image, '/image', 10)
+    # Sensor-data QoS like a camera driver: best effort never blocks the publisher (a
+    # reliable publish can block while holding the GIL, stalling the engine threads).
+    pub = camera.create_publisher(Image, '/image', qos_profile_sensor_data)
     executor = MultiThreadedExecutor(num_threads=4)
     for n in (node, view, camera):
         executor.add_node(n)
@@ -111,6 +114,8 @@ def run_demo(ns) -> int:
             delay = start + t / speed - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+            elif delay < -0.05 and t % 1.0:
+                continue  # behind schedule: a live camera drops stale frames, never bursts
             while pending and pending[0][0] <= t:
                 at, text = pending.pop(0)
                 ok, rid, message = node.engine.submit_question(text, 'demo')
@@ -124,6 +129,10 @@ def run_demo(ns) -> int:
         stats = node.engine.stats()
         print(f'\n--- demo done: {stats.num_frames_received} frames fed, '
               f'{stats.num_frames_cached} cached, {len(view.answers)} answer messages')
+        lat = sorted(node.engine.frame_latencies)
+        if lat:
+            print(f'    frame arrival -> in cache: median {lat[len(lat) // 2] * 1e3:.0f} ms, '
+                  f'max {lat[-1] * 1e3:.0f} ms; dropped {stats.num_dropped_frames}')
         if ns.episode is not None and ns.contact_sheet:
             from .toyworld.contact import contact_sheet
             said = [(round((Time.from_msg(a.header.stamp).nanoseconds - start_ns) * 1e-9),

@@ -245,6 +245,10 @@ class StreamingEngine:
             self._controls.append(('reset', reason))
             self._cv.notify_all()
         if self.state == 'error':
+            # the failed engine thread set the stop flag: let the encoder finish exiting
+            for t in self._threads:
+                if t is not threading.current_thread():
+                    t.join(2.0)
             self.stats_data.last_error = ''
             self._threads = [t for t in self._threads if t.is_alive()]
             self.start()

@@ -84,15 +84,23 @@ def ask(prompt: str, node: str = '/mossv_assistant', timeout_sec: float = 60.0) 
         if not client.wait_for_service(timeout_sec=min(timeout_sec, 15.0)):
             print(f'no service {node}/ask (is the assistant running?)')
             return 2
-        future = client.call_async(Ask.Request(prompt=prompt))
-        executor.spin_until_future_complete(future, timeout_sec=10.0)
-        response = future.result()
+        end = time.monotonic() + timeout_sec
+        while True:
+            future = client.call_async(Ask.Request(prompt=prompt))
+            executor.spin_until_future_complete(future, timeout_sec=10.0)
+            response = future.result()
+            # the node serves ~/ask while it loads the model: wait for it to come up
+            coming_up = (response is not None and not response.accepted
+                         and response.message.startswith('not ready')
+                         and 'after an engine error' not in response.message)
+            if not coming_up or time.monotonic() > end:
+                break
+            executor.spin_once(timeout_sec=0.5)
         if response is None or not response.accepted:
             print(f'rejected: {response.message if response else "no response"}')
             return 1
         print(f'[round {response.round_id}] {prompt}')
         view.set_round(response.round_id)
-        end = time.monotonic() + timeout_sec
         while time.monotonic() < end and response.round_id not in view.finished:
             executor.spin_once(timeout_sec=0.1)
         print()
