@@ -176,6 +176,7 @@ def cmd_toyworld_bag(ns) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .toyworld.world import EVAL_SEED_BASE  # pure module: numpy only
     parser = argparse.ArgumentParser(prog='mossv-ros', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
     run = sub.add_parser('run', help='start the assistant node (as assistant.launch.py does)')
@@ -257,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = tw_sub.add_parser('eval', help='score a model on held-out episodes via the engine')
     ev.add_argument('--model', help='checkpoint directory (default: the shipped toyworld model)')
     ev.add_argument('--episodes', type=int, default=50)
-    ev.add_argument('--seed-base', type=int, default=1_000_000)
+    ev.add_argument('--seed-base', type=int, default=EVAL_SEED_BASE)
     ev.add_argument('--json', help='write metrics and utterances here')
     ev.add_argument('--contact-sheet', help='PNG of episode 0 frames with what was said')
     ev.add_argument('--strict', action='store_true', help='exit 1 if a target is missed')
@@ -265,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     bg = tw_sub.add_parser('bag', help='write held-out episodes as a rosbag2 (ROS eval)')
     bg.add_argument('out_bag')
     bg.add_argument('--episodes', type=int, default=10)
-    bg.add_argument('--seed-base', type=int, default=1_000_000)
+    bg.add_argument('--seed-base', type=int, default=EVAL_SEED_BASE)
     bg.add_argument('--storage', choices=['sqlite3', 'mcap'], default='sqlite3')
     bg.set_defaults(func=cmd_toyworld_bag)
     return parser

@@ -118,7 +118,7 @@ def run_demo(ns) -> int:
                 continue  # behind schedule: a live camera drops stale frames, never bursts
             while pending and pending[0][0] <= t:
                 at, text = pending.pop(0)
-                ok, rid, message = node.engine.submit_question(text, 'demo')
+                _, _, message = node.engine.submit_question(text, 'demo')
                 print(f'\n>>> [{at:.1f} s] asked: {text!r} -> {message}')
             msg = Image(height=frame.shape[0], width=frame.shape[1], encoding='rgb8',
                         step=frame.shape[1] * 3, data=frame.tobytes())
@@ -135,9 +135,11 @@ def run_demo(ns) -> int:
                   f'max {lat[-1] * 1e3:.0f} ms; dropped {stats.num_dropped_frames}')
         if ns.episode is not None and ns.contact_sheet:
             from .toyworld.contact import contact_sheet
-            said = [(round((Time.from_msg(a.header.stamp).nanoseconds - start_ns) * 1e-9),
-                     a.text) for a in view.answers
-                    if a.text and a.header.frame_id and not a.is_final]
+            from .toyworld.evaluate import utterances
+            said = [(u.frame, u.text) for u in utterances(
+                (round((Time.from_msg(a.header.stamp).nanoseconds - start_ns) * 1e-9),
+                 a.round_id, a.revision, a.is_final, a.text)
+                for a in view.answers if a.header.frame_id)]
             path = contact_sheet(ns.episode, said, ns.contact_sheet)
             print(f'contact sheet (frames and what was said): {path}')
         return 0

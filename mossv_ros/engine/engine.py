@@ -390,9 +390,7 @@ class StreamingEngine:
         if not tokens:
             return
         self._check_positions(len(tokens))
-        ooms = self._session.num_oom_events
-        logits = self.runner.feed(self._session, tokens, frames)
-        self._report_oom(ooms)
+        logits = self._feed(tokens, frames)
         self._pending = None
         if ready is not None:
             frame, encoded = ready
@@ -406,15 +404,19 @@ class StreamingEngine:
             self._count_silent_frame()
         self._on_token(token)
 
-    def _report_oom(self, before: int) -> None:
+    def _feed(self, tokens, frames=()):
+        """``runner.feed`` on the session; a device OOM it survived (frames evicted) is
+        counted and reported as a non-fatal error event."""
         session = self._session
-        if session.num_oom_events == before:
-            return
-        self.stats_data.num_oom_events += session.num_oom_events - before
-        self._emit(ErrorEvent(f'device out of memory: evicted frames down to '
-                              f'{session.vision_cache.num_frames} cached '
-                              f'({session.cache_bytes} bytes, now the cap); continuing',
-                              round_id=self._round.round_id))
+        before = session.num_oom_events
+        logits = self.runner.feed(session, tokens, frames)
+        if session.num_oom_events != before:
+            self.stats_data.num_oom_events += session.num_oom_events - before
+            self._emit(ErrorEvent(f'device out of memory: evicted frames down to '
+                                  f'{session.vision_cache.num_frames} cached '
+                                  f'({session.cache_bytes} bytes, now the cap); continuing',
+                                  round_id=self._round.round_id))
+        return logits
 
     def _do_question(self, question: Question) -> None:
         tokens = [] if self._pending is None else [self._pending]
@@ -427,9 +429,7 @@ class StreamingEngine:
                               question=question.text))
         try:
             self._check_positions(len(tokens))
-            ooms = self._session.num_oom_events
-            logits = self.runner.feed(self._session, tokens)
-            self._report_oom(ooms)
+            logits = self._feed(tokens)
         except ValueError as exc:
             self._pending = None
             self._emit(ErrorEvent(f'question rejected: {exc}', round_id=question.round_id))

@@ -282,10 +282,9 @@ class ModelRunner:
         new size for the rest of the session. :raises torch.OutOfMemoryError: nothing left
         to evict."""
         cache = session.vision_cache
-        evictable = cache.num_frames - 1
-        if evictable < 1:
+        if cache.num_frames < 2:
             raise torch.OutOfMemoryError('device out of memory with one frame cached')
-        for _ in range(max(1, cache.num_frames // 2)):
+        for _ in range(cache.num_frames // 2):
             self._evict_one(session)
         session.num_oom_events += 1
         session.oom_cap_bytes = session.cache_bytes

@@ -6,6 +6,7 @@ executor once, through a guard condition (ros2/examples ``trigger_guard_conditio
 import functools
 import math
 import queue
+import threading
 import time
 from typing import Callable, List, Optional
 
@@ -186,9 +187,8 @@ class AssistantNode(LifecycleNode):
         return super().on_deactivate(state)
 
     def on_error(self, state) -> TransitionCallbackReturn:
-        """ErrorProcessing: keep the (failed) engine for a fast recovery, close the I/O."""
-        self._active = False
-        self._close_io()
+        """ErrorProcessing (after on_deactivate closed the I/O): keep the failed engine, so
+        configure can restart it without reloading the model."""
         self.get_logger().error('lifecycle: error processing after an engine failure; now '
                                 'unconfigured (recover with ~/reset or configure + activate)')
         return TransitionCallbackReturn.SUCCESS
@@ -382,7 +382,6 @@ def main(args=None) -> int:
     node = AssistantNode()
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
-    code = 0
     result = {}
 
     def bring_up():  # while the executor already serves ~/ask ("model is loading")
@@ -394,13 +393,11 @@ def main(args=None) -> int:
             return
         node.trigger_activate()
 
-    import threading
     threading.Thread(target=bring_up, name='mossv-bring-up', daemon=True).start()
     try:
         executor.spin()
-        code = 1 if result.get('failed') else 0
     except (KeyboardInterrupt, ExternalShutdownException):
-        code = 1 if result.get('failed') else 0
+        pass
     finally:
         node.get_logger().info('shutting down')
         node._close_io()
@@ -408,4 +405,4 @@ def main(args=None) -> int:
         executor.shutdown(timeout_sec=1.0)
         node.destroy_node()
         rclpy.try_shutdown()
-    return code
+    return 1 if result.get('failed') else 0

@@ -24,12 +24,12 @@ from .world import (
     Episode,
     KINDS,
     NUMBERS,
-    QTYPES,
     question_text,
     speech_frames,
 )
 
-#: Regular (BPE) vocabulary size of the toyworld tokenizer; special tokens follow it.
+#: Upper bound on the regular (BPE) vocabulary; the trainer stops when the corpus has no more
+#: merges (681 tokens), and the special tokens follow the regular ones.
 BPE_VOCAB_SIZE = 768
 
 
@@ -146,5 +146,3 @@ def transcript(episode: Episode, tok, specials: Dict[str, int], silence_weight: 
                       np.asarray(frame_positions, np.int64))
 
 
-__all__ = ['BPE_VOCAB_SIZE', 'build_tokenizer', 'corpus', 'QTYPES', 'save_tokenizer',
-           'transcript', 'Transcript']

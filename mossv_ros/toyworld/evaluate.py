@@ -19,14 +19,12 @@ Metrics (all fractions in [0, 1]):
 from dataclasses import dataclass
 import json
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
-from .world import Episode, make_episode, QTYPES, speech_frames
+from .world import Episode, EVAL_SEED_BASE, make_episode, QTYPES, speech_frames
 
 #: StreamingBench proactive-output window: an update counts within this many frames.
 WINDOW = 2
-#: Seeds of held-out episodes start here (training uses seeds below it).
-EVAL_SEED_BASE = 1_000_000
 EVAL_FRAMES = 40
 
 
@@ -36,6 +34,22 @@ class Utterance:
 
     frame: int
     text: str
+
+
+def utterances(answers: Iterable[Tuple[int, int, int, bool, str]]) -> List[Utterance]:
+    """One :class:`Utterance` per thing said, from answers in emit order.
+
+    :param answers: (frame, round_id, revision, is_final, text) per ``AnswerEvent`` or
+        ``mossv_ros/Answer``. Empty texts are dropped, and so is a round's closing answer,
+        which repeats its last revision (``is_final`` with a round and revision seen before).
+    """
+    out, seen = [], set()
+    for frame, round_id, revision, is_final, text in answers:
+        if not text or (is_final and (round_id, revision) in seen):
+            continue
+        seen.add((round_id, revision))
+        out.append(Utterance(frame, text))
+    return out
 
 
 def eval_episodes(n: int, seed_base: int = EVAL_SEED_BASE,
@@ -61,11 +75,8 @@ def score(episodes: Sequence[Episode], said: Sequence[Sequence[Utterance]]) -> d
             first_said = next(((t, spoken[t]) for t in range(q.after_frame + 1, end + 1)
                                if t in spoken), None)
             answers[q.qtype][1] += 1
-            if q.qtype == 'when' and q.kind not in ep.states[q.after_frame]:
-                if not due:  # never appeared before the next question: silence is right
-                    answers[q.qtype][0] += first_said is None
-                    continue
-            if not due:
+            if not due:  # e.g. the awaited shape never appeared: staying silent is right
+                answers[q.qtype][0] += first_said is None
                 continue
             t_due, text = due[0]
             ok = (first_said is not None and first_said[1] == text
@@ -118,9 +129,7 @@ def stream_episode(engine, episode: Episode, stamp_base: float = 0.0,
     from ..engine.events import AnswerEvent, Frame
 
     by_frame = {q.after_frame: q for q in episode.questions if not q.interrupt}
-    out: List[Utterance] = []
-
-    seen = set()
+    answers = []  # (frame, round_id, revision, is_final, text) in emit order
 
     def drain():
         import queue
@@ -129,13 +138,11 @@ def stream_episode(engine, episode: Episode, stamp_base: float = 0.0,
                 ev = engine.events.get_nowait()
             except queue.Empty:
                 return
-            # one AnswerEvent per utterance; a round's closing event repeats its last one
             # (a reset ends the previous episode's round: its closing event is older)
-            if isinstance(ev, AnswerEvent) and ev.text and ev.source.stamp is not None \
-                    and ev.source.stamp >= stamp_base \
-                    and not (ev.is_final and (ev.round_id, ev.revision) in seen):
-                seen.add((ev.round_id, ev.revision))
-                out.append(Utterance(int(round(ev.source.stamp - stamp_base)), ev.text))
+            if isinstance(ev, AnswerEvent) and ev.source.stamp is not None \
+                    and ev.source.stamp >= stamp_base:
+                answers.append((int(round(ev.source.stamp - stamp_base)), ev.round_id,
+                                ev.revision, ev.is_final, ev.text))
 
     def idle():
         if not engine.wait_idle(timeout):
@@ -153,7 +160,7 @@ def stream_episode(engine, episode: Episode, stamp_base: float = 0.0,
             idle()
         drain()
     drain()
-    return out
+    return utterances(answers)
 
 
 def evaluate(model_dir: Path, episodes: Sequence[Episode]) -> Tuple[dict, list]:

@@ -6,10 +6,10 @@ node that keeps up has finished speaking about frame t). The gap between episode
 node run with ``frames.reset_after_gap_sec`` < ``EPISODE_GAP_SEC`` start a fresh session for
 each episode, as the in-process evaluation does.
 """
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 from ..bag import BagSummary, from_frames
-from .evaluate import Utterance
+from .evaluate import Utterance, utterances
 from .world import Episode
 
 #: Seconds of camera silence between two episodes in a bag.
@@ -52,20 +52,14 @@ def utterances_from_answers(episodes: Sequence[Episode],
 
     :param answers: (stamp ns, round_id, revision, is_final, text) per ``mossv_ros/Answer``,
         in publish order; the stamp is the newest frame's (copied from the input image).
-    :returns: utterances per episode, deduplicated like the in-process evaluation (a round's
-        closing Answer repeats its last revision).
+    :returns: utterances per episode (:func:`.evaluate.utterances`), as the in-process
+        evaluation collects them.
     """
     starts = episode_starts(episodes)
-    out: List[List[Utterance]] = [[] for _ in episodes]
-    seen: Dict[int, set] = {i: set() for i in range(len(episodes))}
+    per_episode: List[list] = [[] for _ in episodes]
     for stamp_ns, round_id, revision, is_final, text in answers:
-        if not text:
-            continue
         sec = (stamp_ns - START_NS) * 1e-9
         index = max(i for i, s in enumerate(starts) if s <= sec + 1e-6)
         frame = int(round(sec - starts[index]))
-        if is_final and (round_id, revision) in seen[index]:
-            continue
-        seen[index].add((round_id, revision))
-        out[index].append(Utterance(frame, text))
-    return out
+        per_episode[index].append((frame, round_id, revision, is_final, text))
+    return [utterances(a) for a in per_episode]

@@ -16,21 +16,18 @@ import json
 import math
 from pathlib import Path
 import time
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..engine import prompt as grammar
-from ..engine.moss_video import MossVideoModel
+from ..engine.moss_video import _rotate, MossVideoModel, rotate_half
 from ..engine.preprocess import to_pixel_values
 from ..engine.tiny import build_tiny_model, tiny_config_dict, write_tiny_checkpoint
 from .data import build_tokenizer, save_tokenizer, transcript
-from .world import FRAME_PX, make_episode
-
-#: Seeds >= this are held out for evaluation; training episodes use seeds below it.
-EVAL_SEED_BASE = 1_000_000
+from .world import EVAL_SEED_BASE, FRAME_PX, make_episode
 
 
 @dataclass
@@ -62,11 +59,6 @@ def model_config(cfg: TrainConfig, specials) -> dict:
     return tiny_config_dict(image_size=FRAME_PX, vision_hidden=cfg.vision_hidden,
                             text_hidden=cfg.text_hidden, intermediate=cfg.text_intermediate,
                             special_tokens=specials)
-
-
-def _rot(x, cos, sin):
-    from transformers.models.mllama.modeling_mllama import rotate_half
-    return x * cos + rotate_half(x) * sin
 
 
 class Trainer:
@@ -110,7 +102,7 @@ class Trainer:
         q = a.q_proj(h).view(b, n, mv.num_heads, mv.head_dim).transpose(1, 2)
         k = a.k_proj(h).view(b, n, mv.num_kv_heads, mv.head_dim).transpose(1, 2)
         v = a.v_proj(h).view(b, n, mv.num_kv_heads, mv.head_dim).transpose(1, 2)
-        q, k = _rot(q, cos[:, None], sin[:, None]), _rot(k, cos[:, None], sin[:, None])
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         if past is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=a.scaling,
                                                  enable_gqa=True)
@@ -132,11 +124,12 @@ class Trainer:
         nf, t = states.shape[1], states.shape[2]
         h = layer.input_layernorm(x)
         q = a.q_proj(h).view(b, n, mv.num_heads, mv.head_dim).transpose(1, 2)
-        q = _rot(a.q_norm(q), cos[:, None], sin[:, None])
+        q = _rotate(a.q_norm(q), cos, sin)
         k = a.k_proj(states).view(b, nf, t, mv.num_kv_heads, mv.head_dim)
         v = a.v_proj(states).view(b, nf, t, mv.num_kv_heads, mv.head_dim)
         fcos, fsin = mv.text.rotary_emb(k, frame_pos)  # (b, nf, head_dim)
-        k = a.k_norm(_rot(k, fcos[:, :, None, None], fsin[:, :, None, None]))
+        fcos, fsin = fcos[:, :, None, None], fsin[:, :, None, None]  # (b, nf, 1, 1, hd)
+        k = a.k_norm(k * fcos + rotate_half(k) * fsin)
         k = k.permute(0, 3, 1, 2, 4).reshape(b, mv.num_kv_heads, nf * t, mv.head_dim)
         v = v.permute(0, 3, 1, 2, 4).reshape(b, mv.num_kv_heads, nf * t, mv.head_dim)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
@@ -307,15 +300,3 @@ def plot_loss(losses: List[float], path: Path, window: int = 10) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def time_steps(cfg: TrainConfig, n: int = 3) -> float:
-    """Seconds per training step (after one warm-up step), for sizing ``steps``."""
-    cfg = TrainConfig(**{**asdict(cfg), 'steps': n + 1})
-    start: Optional[float] = None
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.monotonic()
-        train(Path(tmp), cfg, progress=False)
-        start = time.monotonic() - t0
-    return start / (n + 1)

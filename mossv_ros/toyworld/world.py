@@ -26,6 +26,8 @@ QTYPES = ('colour', 'count', 'when')
 #: Cell centres: the four quadrants (one shape per quadrant, so shapes never overlap).
 CELLS = ((28, 28), (84, 28), (28, 84), (84, 84))
 NUMBERS = ('no', 'one', 'two', 'three')
+#: Episode seeds >= this are held out for evaluation; training uses seeds below it.
+EVAL_SEED_BASE = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class QuestionAt:
     """A question asked right after frame ``after_frame``.
 
     :ivar interrupt: asked while the answer of frame ``after_frame`` is being spoken (training
-        transcripts only): the current utterance is cut after ``cut`` tokens.
+        transcripts only): that utterance is cut and the new reply starts at once.
     """
 
     after_frame: int
