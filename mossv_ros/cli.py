@@ -148,12 +148,17 @@ def cmd_toyworld_train(ns) -> int:
     return 0
 
 
+def _seed_base(ns) -> int:
+    from .toyworld.world import EVAL_SEED_BASE
+    return EVAL_SEED_BASE if ns.seed_base is None else ns.seed_base
+
+
 def cmd_toyworld_eval(ns) -> int:
     import json
 
     from .toyworld import evaluate as tw
     model = Path(ns.model) if ns.model else default_model_dir()
-    episodes = tw.eval_episodes(ns.episodes, seed_base=ns.seed_base)
+    episodes = tw.eval_episodes(ns.episodes, seed_base=_seed_base(ns))
     metrics, said = tw.evaluate(model, episodes)
     if ns.json:
         tw.write_report(Path(ns.json), metrics, said)
@@ -169,14 +174,13 @@ def cmd_toyworld_eval(ns) -> int:
 def cmd_toyworld_bag(ns) -> int:
     from .toyworld.evaluate import eval_episodes
     from .toyworld.rosbag import write_episodes_bag
-    summary = write_episodes_bag(eval_episodes(ns.episodes, seed_base=ns.seed_base),
+    summary = write_episodes_bag(eval_episodes(ns.episodes, seed_base=_seed_base(ns)),
                                  ns.out_bag, storage=ns.storage)
     print(f'wrote {summary.path}: ' + ', '.join(f'{t}: {n}' for t, n in summary.counts.items()))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .toyworld.world import EVAL_SEED_BASE  # pure module: numpy only
     parser = argparse.ArgumentParser(prog='mossv-ros', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
     run = sub.add_parser('run', help='start the assistant node (as assistant.launch.py does)')
@@ -258,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = tw_sub.add_parser('eval', help='score a model on held-out episodes via the engine')
     ev.add_argument('--model', help='checkpoint directory (default: the shipped toyworld model)')
     ev.add_argument('--episodes', type=int, default=50)
-    ev.add_argument('--seed-base', type=int, default=EVAL_SEED_BASE)
+    ev.add_argument('--seed-base', type=int, default=None,
+                    help='first held-out seed (default: toyworld.world.EVAL_SEED_BASE)')
     ev.add_argument('--json', help='write metrics and utterances here')
     ev.add_argument('--contact-sheet', help='PNG of episode 0 frames with what was said')
     ev.add_argument('--strict', action='store_true', help='exit 1 if a target is missed')
@@ -266,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     bg = tw_sub.add_parser('bag', help='write held-out episodes as a rosbag2 (ROS eval)')
     bg.add_argument('out_bag')
     bg.add_argument('--episodes', type=int, default=10)
-    bg.add_argument('--seed-base', type=int, default=EVAL_SEED_BASE)
+    bg.add_argument('--seed-base', type=int, default=None,
+                    help='first held-out seed (default: toyworld.world.EVAL_SEED_BASE)')
     bg.add_argument('--storage', choices=['sqlite3', 'mcap'], default='sqlite3')
     bg.set_defaults(func=cmd_toyworld_bag)
     return parser

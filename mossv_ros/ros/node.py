@@ -97,8 +97,8 @@ class AssistantNode(LifecycleNode):
         self.engine_config = config
         self._pubs = {
             'tokens': self.create_publisher(Token, '~/tokens', 100),
-            'silence': self.create_publisher(Silence, '~/silence', 10),
-            'answer': self.create_publisher(Answer, '~/answer', 10),
+            'silence': self.create_publisher(Silence, '~/silence', 100),
+            'answer': self.create_publisher(Answer, '~/answer', 100),
             'status': self.create_publisher(Status, '~/status', 10),
         }
         self._guard = self.create_guard_condition(self._drain_events,
