@@ -11,11 +11,12 @@ import time
 
 import numpy as np
 import rclpy
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from rclpy.time import Time
+
+from .ros.executor import MultiThreadedExecutor
 
 #: The toyworld episode the demo plays by default (held out from training).
 DEMO_EPISODE_SEED = 1_000_017
@@ -93,8 +94,7 @@ def run_demo(ns) -> int:
         Parameter('sampling.max_new_tokens', value=48)])
     view = AnswerView('/mossv_assistant', name='mossv_demo_view')
     camera = rclpy.create_node('mossv_demo_camera')
-    # Sensor-data QoS like a camera driver: best effort never blocks the publisher (a
-    # reliable publish can block while holding the GIL, stalling the engine threads).
+    # Sensor-data QoS like a camera driver: best effort never blocks the publisher.
     pub = camera.create_publisher(Image, '/image', qos_profile_sensor_data)
     executor = MultiThreadedExecutor(num_threads=4)
     for n in (node, view, camera):

@@ -19,6 +19,14 @@ def spin_until(node, cond, timeout):
     return cond()
 
 
+def wait_for(cond, timeout):
+    """Poll ``cond`` (served by an executor in another thread) until true or ``timeout`` s."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not cond():
+        time.sleep(0.05)
+    return cond()
+
+
 def start_node(*args):
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     return subprocess.Popen([sys.executable, '-m', 'mossv_ros.cli', 'run', *args],

@@ -17,9 +17,9 @@ pytestmark = pytest.mark.ros
 
 
 def _node(ros_context, tiny_checkpoint, **params):
-    from rclpy.executors import MultiThreadedExecutor
     from rclpy.parameter import Parameter
 
+    from mossv_ros.ros.executor import MultiThreadedExecutor
     from mossv_ros.ros.node import AssistantNode
     overrides = {'model.path': str(tiny_checkpoint), 'engine.device': 'cpu',
                  'engine.dtype': 'float32', 'sampling.max_new_tokens': 8,
@@ -109,10 +109,10 @@ def test_engine_exception_then_reset_and_lifecycle_cycle_recover(ros_context, ti
 def test_ask_while_loading_says_not_ready(ros_context, tiny_checkpoint):
     """~/ask exists in every lifecycle state: before configure it says the node is not
     active, during the model load it says the model is loading, then it accepts."""
-    from rclpy.executors import MultiThreadedExecutor
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
 
+    from mossv_ros.ros.executor import MultiThreadedExecutor
     from mossv_ros.ros.node import AssistantNode
     from mossv_ros.srv import Ask
 

@@ -10,12 +10,13 @@ import collections
 import json
 import os
 import signal
+import threading
 import time
 
 import numpy as np
 import pytest
 
-from .ros_helpers import spin_until, start_node, stop
+from .ros_helpers import start_node, stop, wait_for
 
 rclpy = pytest.importorskip('rclpy')
 pytestmark = [pytest.mark.ros, pytest.mark.slow]
@@ -36,6 +37,7 @@ def rss(pid):
 
 
 def test_soak_two_hours_of_stream(ros_context, tiny_checkpoint):
+    from rclpy.executors import SingleThreadedExecutor
     from sensor_msgs.msg import Image
 
     from mossv_ros.msg import Answer, Question, Status
@@ -52,9 +54,15 @@ def test_soak_two_hours_of_stream(ros_context, tiny_checkpoint):
     ask = node.create_publisher(Question, '/mossv_assistant/question', 100)
     sent = collections.Counter()
     asked, rss_samples = [], []
+    # The test's own subscriptions are served the whole time: an unserved reader keeps only
+    # its newest 1000 answers and would lose the oldest, which is not the node's fault.
+    executor = SingleThreadedExecutor(context=ros_context)
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
     t_start = time.monotonic()
     try:
-        assert spin_until(node, lambda: cam.get_subscription_count() and any(
+        assert wait_for(lambda: cam.get_subscription_count() and any(
             s.state == Status.STATE_READY for s in status), 60), 'node not ready'
         rng = np.random.default_rng(0)
         frames = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8).tobytes() for _ in range(8)]
@@ -79,18 +87,19 @@ def test_soak_two_hours_of_stream(ros_context, tiny_checkpoint):
                     sent['question'] += 1
                 asked.append(f'soak-{t}')
                 ask.publish(Question(request_id=f'soak-{t}', text=text))
-            spin_until(node, lambda: False, 0.0)
             if t % 600 == 0:
                 rss_samples.append((t, rss(proc.pid)))
             time.sleep(0.012)  # about 80x real time
-        spin_until(node, lambda: False, 3.0)
+        time.sleep(3.0)
         assert proc.poll() is None, 'the node died'
         rss_samples.append((STREAM_S, rss(proc.pid)))
         proc.send_signal(signal.SIGINT)  # the open round still ends with a final Answer
-        spin_until(node, lambda: proc.poll() is not None, 10)
-        spin_until(node, lambda: False, 0.5)
+        wait_for(lambda: proc.poll() is not None, 10)
+        time.sleep(0.5)
     finally:
         code, _, out = stop(proc)
+        executor.shutdown(timeout_sec=1.0)
+        spinner.join(timeout=2.0)
     wall = time.monotonic() - t_start
     finals = {}
     for a in answers:
@@ -116,6 +125,9 @@ def test_soak_two_hours_of_stream(ros_context, tiny_checkpoint):
         with open(os.environ['MOSSV_RELIABILITY_REPORT'], 'w') as f:
             json.dump(summary, f, indent=2)
     assert not lost, f'questions without a final answer: {lost[:5]}'
+    # The node keeps up with an 80x stream of small images (stock rclpy 9.x's executor took
+    # about 5 % of them: ros2/rclpy#1452, see mossv_ros/ros/executor.py).
+    assert summary['frames_received'] >= 0.5 * sent['image'], summary
     assert reasons['rejected'] == sent['empty question']
     # every bad image that reached the callback was counted (depth-1 QoS may drop a few first)
     assert 0 < summary['frames_invalid'] <= sent['malformed image'] + sent['depth image']

@@ -62,11 +62,8 @@ def test_ros_eval_matches_in_process_eval(ros_context, tmp_path):
     assert sum(map(len, got)) >= 0.5 * sum(map(len, expected_said))
     diff = [(i, sorted(set(a) - set(b)), sorted(set(b) - set(a)))
             for i, (a, b) in enumerate(zip(got, expected_said)) if a != b]
-    if diff or resets != EPISODES - 1:
-        # Known gap (README "Gaps"): the node process sometimes stalls for seconds, so a frame
-        # or question lands mid-utterance and the stream differs from the paced in-process
-        # run. Reported, not hidden: the test xfails with the differing utterances.
-        pytest.xfail(f'ROS run differs from the in-process run (engine stall; {resets} '
-                     f'session resets for {EPISODES} episodes, extra ones mean frames were '
-                     f'dropped): {diff}')
+    # Before the executor fix (mossv_ros/ros/executor.py, ros2/rclpy#1452) the node stalled
+    # for seconds in some runs and this differed; now the ROS run must equal the engine run.
+    assert resets == EPISODES - 1, f'{resets} session resets for {EPISODES} episodes'
+    assert not diff, diff
     assert score(episodes, said) == expected

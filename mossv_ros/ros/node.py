@@ -13,7 +13,7 @@ from typing import Callable, List, Optional
 import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.qos import qos_profile_sensor_data, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
@@ -22,6 +22,7 @@ from ..engine import events as ev
 from ..engine.config import EngineConfig
 from ..engine.engine import StreamingEngine
 from . import convert
+from .executor import MultiThreadedExecutor
 from .params import engine_config_from_params, engine_defaults, NODE_DEFAULTS
 
 

@@ -1,0 +1,57 @@
+"""The executor the node and the demo spin: rclpy's MultiThreadedExecutor with the upstream
+fix for its busy re-submission loop, which the Kilted wheels (rclpy 9.x) do not have.
+
+The bug (ros2/rclpy#1452, fixed upstream by ros2/rclpy#1547, released in rclpy 10.0.4): after
+``spin_once`` hands a ready callback to the thread pool, the next wait yields the same task
+again while it still waits in the pool's queue (it is neither executing nor done), so the spin
+thread submits it again and again without ever blocking. That loop holds the GIL, the pool
+thread cannot even start the callback, and everything else in the process (the engine's
+threads) starves: we measured the node taking about 5 images/s from a 80 images/s stream and
+multi-second stalls in the demo. Here a task already in the pool is not submitted again, and
+the spin thread gives the GIL away after each hand-off, as upstream does.
+"""
+import os
+import time
+from typing import Callable, Optional
+
+from rclpy.executors import (
+    ConditionReachedException,
+    ExternalShutdownException,
+    ShutdownException,
+    TimeoutException,
+)
+from rclpy.executors import MultiThreadedExecutor as RclpyMultiThreadedExecutor
+
+
+class MultiThreadedExecutor(RclpyMultiThreadedExecutor):
+    """Drop-in ``rclpy.executors.MultiThreadedExecutor`` (same constructor arguments).
+
+    ``num_handoffs`` counts callbacks handed to the pool; ``num_requeues_skipped`` counts the
+    re-yields of a task still queued that stock rclpy 9.x would have submitted again.
+    """
+
+    def __init__(self, num_threads: Optional[int] = None, **kwargs) -> None:
+        super().__init__(num_threads, **kwargs)
+        self.num_handoffs = 0
+        self.num_requeues_skipped = 0
+
+    def _spin_once_impl(self, timeout_sec=None,
+                        wait_condition: Callable[[], bool] = lambda: False) -> None:
+        try:
+            handler, _, _ = self.wait_for_ready_callbacks(timeout_sec, None, wait_condition)
+        except (ExternalShutdownException, ShutdownException, TimeoutException,
+                ConditionReachedException):
+            return
+        if any(queued is handler for queued in self._futures):
+            # Still waiting in the pool's queue: do not queue it twice, and let a pool
+            # thread take the GIL to start it instead of spinning here.
+            self.num_requeues_skipped += 1
+            time.sleep(0.0005)
+            return
+        self._executor.submit(handler)
+        self._futures.append(handler)
+        self.num_handoffs += 1
+        for future in [f for f in self._futures if f.done()]:
+            self._futures.remove(future)
+            future.result()  # raise any exception from a callback, as rclpy does
+        os.sched_yield()  # hand the GIL over so the pool thread can start the callback
