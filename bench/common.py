@@ -29,6 +29,27 @@ def write_model(kind: str, folder: Path) -> Path:
     return write_tiny_checkpoint(folder / kind, seed=0, config_dict=cfg)
 
 
+def question_prefill_flops(model, num_query: int, context_tokens: int, num_frames: int) -> float:
+    """FLOPs (2 per multiply-add) of prefilling ``num_query`` question tokens on top of
+    ``context_tokens`` text tokens and ``num_frames`` cached frames: q/k/v/o projections and
+    MLPs of every layer (cross layers take K/V from the vision cache), self-attention over the
+    text context, cross-attention over every cached vision token (all query heads), the LM head
+    for the last row. The arithmetic of moss-model.md section 8.2 applied to the question.
+
+    :param model: a ``MossVideoModel`` (reads its text config and layer layout).
+    :returns: FLOPs as a float.
+    """
+    tc = model.text_config
+    h, inter = tc.hidden_size, tc.intermediate_size
+    kv = model.num_kv_heads * model.head_dim
+    vision_tokens = num_frames * model.tokens_per_frame
+    keys = context_tokens + num_query / 2  # causal: the question also attends to itself
+    self_layer = 2 * (2 * h * h + 2 * h * kv) + 6 * h * inter + 4 * keys * h
+    cross_layer = 2 * (2 * h * h) + 6 * h * inter + 4 * vision_tokens * h
+    per_token = len(model.self_layer_ids) * self_layer + len(model.cross_layer_ids) * cross_layer
+    return num_query * per_token + 2 * h * tc.vocab_size
+
+
 def median(xs):
     return float(statistics.median(xs)) if xs else float('nan')
 
