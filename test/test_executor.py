@@ -31,7 +31,7 @@ def _run(ros_context, executor, work_s):
     pool_submit = executor._executor.submit
 
     def counting_submit(fn, *args, **kwargs):
-        submitted.append(fn)
+        submitted.append(args[0] if args else fn)  # the rclpy task, however it is wrapped
         return pool_submit(fn, *args, **kwargs)
 
     executor._executor.submit = counting_submit
@@ -59,3 +59,39 @@ def test_every_callback_is_handed_to_the_pool_once(ros_context):
     # one submission per callback: no task queued again while it waited for a pool thread
     assert len(submitted) == len(got) == executor.num_handoffs
     assert len({id(task) for task in submitted}) == len(submitted)
+
+
+def test_async_callback_resumes_after_its_await(ros_context):
+    """A coroutine callback that awaits a future is yielded again when the future completes;
+    it is then not waiting in the pool and must be resubmitted, not skipped."""
+    from rclpy.task import Future
+    from std_msgs.msg import Int32
+
+    from mossv_ros.ros.executor import MultiThreadedExecutor
+    node = rclpy.create_node('executor_async_test', context=ros_context)
+    gate, started, done = Future(), threading.Event(), []
+
+    async def on_msg(msg):
+        started.set()
+        await gate
+        done.append(msg.data)
+
+    node.create_subscription(Int32, 'executor_async_test', on_msg, 10)
+    pub = node.create_publisher(Int32, 'executor_async_test', 10)
+    executor = MultiThreadedExecutor(num_threads=2, context=ros_context)
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    try:
+        pub.publish(Int32(data=7))
+        assert started.wait(10.0)
+        assert done == []
+        gate.set_result(True)
+        end = time.monotonic() + 10.0
+        while not done and time.monotonic() < end:
+            time.sleep(0.02)
+        assert done == [7]
+    finally:
+        executor.shutdown(timeout_sec=2.0)
+        spinner.join(timeout=5.0)
+        node.destroy_node()

@@ -11,6 +11,7 @@ multi-second stalls in the demo. Here a task already in the pool is not submitte
 the spin thread gives the GIL away after each hand-off, as upstream does.
 """
 import os
+import threading
 import time
 from typing import Callable, Optional
 
@@ -34,6 +35,14 @@ class MultiThreadedExecutor(RclpyMultiThreadedExecutor):
         super().__init__(num_threads, **kwargs)
         self.num_handoffs = 0
         self.num_requeues_skipped = 0
+        self._queued = set()  # id() of tasks handed to the pool that no pool thread started yet
+        self._queued_lock = threading.Lock()
+
+    def _start(self, handler) -> None:
+        """Runs on a pool thread: the task is no longer waiting in the queue."""
+        with self._queued_lock:
+            self._queued.discard(id(handler))
+        handler()
 
     def _spin_once_impl(self, timeout_sec=None,
                         wait_condition: Callable[[], bool] = lambda: False) -> None:
@@ -42,13 +51,18 @@ class MultiThreadedExecutor(RclpyMultiThreadedExecutor):
         except (ExternalShutdownException, ShutdownException, TimeoutException,
                 ConditionReachedException):
             return
-        if any(queued is handler for queued in self._futures):
+        with self._queued_lock:
+            waiting = id(handler) in self._queued
+            if not waiting:
+                self._queued.add(id(handler))
+        if waiting:
             # Still waiting in the pool's queue: do not queue it twice, and let a pool
-            # thread take the GIL to start it instead of spinning here.
+            # thread take the GIL to start it instead of spinning here. (A coroutine task
+            # that awaited something and is yielded again is not waiting: it is resubmitted.)
             self.num_requeues_skipped += 1
             time.sleep(0.0005)
             return
-        self._executor.submit(handler)
+        self._executor.submit(self._start, handler)
         self._futures.append(handler)
         self.num_handoffs += 1
         for future in [f for f in self._futures if f.done()]:
