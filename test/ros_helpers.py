@@ -12,8 +12,10 @@ def spin_until(node, cond, timeout):
     ex.add_node(node)
     end = time.monotonic() + timeout
     try:
-        while time.monotonic() < end and not cond():
+        while not cond():  # spins at least once, even with timeout 0
             ex.spin_once(timeout_sec=0.05)
+            if time.monotonic() >= end:
+                break
     finally:
         ex.remove_node(node)
     return cond()

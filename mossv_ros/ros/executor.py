@@ -27,14 +27,12 @@ from rclpy.executors import MultiThreadedExecutor as RclpyMultiThreadedExecutor
 class MultiThreadedExecutor(RclpyMultiThreadedExecutor):
     """Drop-in ``rclpy.executors.MultiThreadedExecutor`` (same constructor arguments).
 
-    ``num_handoffs`` counts callbacks handed to the pool; ``num_requeues_skipped`` counts the
-    re-yields of a task still queued that stock rclpy 9.x would have submitted again.
+    ``num_handoffs`` counts callbacks handed to the pool (each exactly once).
     """
 
     def __init__(self, num_threads: Optional[int] = None, **kwargs) -> None:
         super().__init__(num_threads, **kwargs)
         self.num_handoffs = 0
-        self.num_requeues_skipped = 0
         self._queued = set()  # id() of tasks handed to the pool that no pool thread started yet
         self._queued_lock = threading.Lock()
 
@@ -59,7 +57,6 @@ class MultiThreadedExecutor(RclpyMultiThreadedExecutor):
             # Still waiting in the pool's queue: do not queue it twice, and let a pool
             # thread take the GIL to start it instead of spinning here. (A coroutine task
             # that awaited something and is yielded again is not waiting: it is resubmitted.)
-            self.num_requeues_skipped += 1
             time.sleep(0.0005)
             return
         self._executor.submit(self._start, handler)

@@ -66,7 +66,6 @@ class AssistantNode(LifecycleNode):
         self._image_cb = MutuallyExclusiveCallbackGroup()
         self._service_cb = MutuallyExclusiveCallbackGroup()
         self._guard = None
-        self._drain_pending = False
         self._status_timer = None
         self._loading = False
         self._active = False
@@ -307,15 +306,11 @@ class AssistantNode(LifecycleNode):
 
     # ------------------------------------------------------------------ outputs
     def _on_engine_event(self, event) -> None:
-        # One executor wake-up per burst of events, not per token: every wake-up runs the
-        # executor's Python loop, which holds the GIL the engine threads need.
         guard = self._guard
-        if guard is not None and not self._drain_pending:
-            self._drain_pending = True
-            guard.trigger()
+        if guard is not None:
+            guard.trigger()  # repeated triggers before the drain runs wake it once
 
     def _drain_events(self) -> None:
-        self._drain_pending = False  # events queued from now on trigger a new drain
         engine = self.engine
         if engine is None:
             return
