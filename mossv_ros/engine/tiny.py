@@ -44,10 +44,11 @@ def tiny_config_dict(image_size: int = 112, vision_hidden: int = 32, text_hidden
                      text_layers: int = 5, cross_layers=(1, 3), intermediate: int = 128,
                      vision_layers: int = 4, global_layers: int = 2, heads: int = 4,
                      kv_heads: int = 2, vision_heads: int = 2,
-                     max_positions: int = 4096,
+                     max_positions: int = 4096, rope_theta: float = 500000.0,
                      special_tokens: Dict[str, int] = TINY_SPECIAL_TOKENS) -> dict:
     """config.json contents in the published MOSS layout (model_type 'video_mllama').
 
+    :param rope_theta: RoPE base (moss-model.md section 9 uses the 11B's 500000).
     :param special_tokens: ids by name (:func:`special_token_layout`); the vocabulary size is
         the ``<|image|>`` id.
     """
@@ -67,7 +68,7 @@ def tiny_config_dict(image_size: int = 112, vision_hidden: int = 32, text_hidden
             'num_attention_heads': heads, 'num_key_value_heads': kv_heads,
             'intermediate_size': intermediate, 'num_hidden_layers': text_layers,
             'cross_attention_layers': list(cross_layers), 'rms_norm_eps': 1e-5,
-            'rope_theta': 500000.0,
+            'rope_theta': float(rope_theta),
             'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
                              'high_freq_factor': 4.0, 'original_max_position_embeddings': 64},
             'max_position_embeddings': max_positions,

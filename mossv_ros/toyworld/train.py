@@ -9,7 +9,12 @@ once per step without gradients and shared by the batch (its keys and values sti
 current weights).
 
 Loss: next-token cross-entropy on assistant tokens, ``<|silence|>`` targets weighted by
-``silence_weight`` (``ForCausalLMLossWithSilence``, moss-model.md section 4.8).
+``silence_weight`` (``ForCausalLMLossWithSilence``, moss-model.md section 4.8), plus, with
+``aux_weight`` > 0, an auxiliary loss on the vision side: a linear probe reads each pooled
+quadrant token of the cross-attention states and predicts which shape kind and colour that
+quadrant holds (:class:`AttributeProbe`). Real VLMs start from a pretrained vision encoder; this
+is the toyworld's stand-in for that pretraining, run jointly. The probe is not part of the
+checkpoint: the written model is the plain MOSS architecture.
 """
 from dataclasses import asdict, dataclass
 import json
@@ -27,7 +32,7 @@ from ..engine.moss_video import _rotate, MossVideoModel, rotate_half
 from ..engine.preprocess import to_pixel_values
 from ..engine.tiny import build_tiny_model, tiny_config_dict, write_tiny_checkpoint
 from .data import build_tokenizer, save_tokenizer, transcript
-from .world import EVAL_SEED_BASE, FRAME_PX, make_episode
+from .world import CELLS, COLOURS, EVAL_SEED_BASE, FRAME_PX, KINDS, make_episode
 
 
 @dataclass
@@ -50,9 +55,13 @@ class TrainConfig:
     text_hidden: int = 96
     text_intermediate: int = 256
     vision_hidden: int = 64
+    #: RoPE base of the text model (self- and cross-attention positions)
+    rope_theta: float = 500000.0
     #: exponential moving average of the weights, written instead of the last step's weights
     #: (``torch.optim.swa_utils``); 0 disables it (tried at 0.998: no gain, see README)
     ema_decay: float = 0.0
+    #: weight of the auxiliary quadrant kind/colour loss (:class:`AttributeProbe`); 0 = off
+    aux_weight: float = 0.0
     threads: int = 0
 
 
@@ -61,7 +70,40 @@ def model_config(cfg: TrainConfig, specials) -> dict:
     with the toyworld vocabulary."""
     return tiny_config_dict(image_size=FRAME_PX, vision_hidden=cfg.vision_hidden,
                             text_hidden=cfg.text_hidden, intermediate=cfg.text_intermediate,
-                            special_tokens=specials)
+                            rope_theta=cfg.rope_theta, special_tokens=specials)
+
+
+class AttributeProbe(torch.nn.Module):
+    """Linear read-out of the pooled quadrant tokens: logits of the shape kind (none + KINDS)
+    and colour (none + COLOURS) in each quadrant.
+
+    The 2x2 pooled tokens of a 112 px frame (8x8 patches, stride-4 pooling, moss-model.md
+    section 9) are the four quadrants, row-major, which is the order of
+    :data:`~mossv_ros.toyworld.world.CELLS` (one shape at most per cell).
+    """
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.kind = torch.nn.Linear(hidden, 1 + len(KINDS))
+        self.colour = torch.nn.Linear(hidden, 1 + len(COLOURS))
+
+    def loss(self, states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """:param states: (N, 1 + 4, hidden) cross-attention states (CLS first).
+        :param labels: (N, 4, 2) int64: kind and colour index per quadrant, 0 = empty.
+        :returns: mean of the two cross-entropies (scalar)."""
+        quads = states[:, 1:1 + len(CELLS)]
+        kind = F.cross_entropy(self.kind(quads).flatten(0, 1), labels[..., 0].flatten())
+        colour = F.cross_entropy(self.colour(quads).flatten(0, 1), labels[..., 1].flatten())
+        return 0.5 * (kind + colour)
+
+
+def quadrant_labels(state) -> np.ndarray:
+    """(4, 2) int64 kind / colour indices per cell of a toyworld state (0 = empty)."""
+    out = np.zeros((len(CELLS), 2), np.int64)
+    colours = list(COLOURS)
+    for shape in state.values():
+        out[shape.cell] = (1 + KINDS.index(shape.kind), 1 + colours.index(shape.colour))
+    return out
 
 
 class Trainer:
@@ -70,6 +112,8 @@ class Trainer:
     def __init__(self, hf_model, tok, specials, cfg: TrainConfig) -> None:
         self.mv = MossVideoModel(hf_model, attn_implementation='sdpa')
         self.tok, self.specials, self.cfg = tok, specials, cfg
+        self.probe = AttributeProbe(hf_model.config.text_config.hidden_size) \
+            if cfg.aux_weight > 0 else None
         ids = tok.encode(grammar.session_start_text(), add_special_tokens=False).ids
         #: constant session prefix minus its last token (run without gradients)
         self.prefix = torch.tensor(ids[:-1])
@@ -141,14 +185,18 @@ class Trainer:
         y = y + layer.cross_attn_mlp_gate.tanh() * layer.mlp(layer.post_attention_layernorm(y))
         return torch.where(sees[..., None], y, x)
 
-    def logits(self, batch) -> torch.Tensor:
+    def logits(self, batch, unique_states=None) -> torch.Tensor:
         """Float32 logits (b, n, vocab) of every row after the shared prefix, i.e. the
-        prediction of ``ids[:, i + 1]`` at row i (see :meth:`collate`)."""
+        prediction of ``ids[:, i + 1]`` at row i (see :meth:`collate`).
+
+        :param unique_states: ``encode(pixels)`` if already computed."""
         mv, text = self.mv, self.mv.text
-        ids, _, frame_pos, pixels, frame_map = batch
+        ids, _, frame_pos, pixels, frame_map = batch[:5]
         b, n = ids.shape
         p = len(self.prefix)
-        states = self.encode(pixels)[frame_map]  # (b, nf, T, hidden)
+        if unique_states is None:
+            unique_states = self.encode(pixels)
+        states = unique_states[frame_map]  # (b, nf, T, hidden)
         past = self._prefix_kv()
         x = text.embed_tokens(ids)
         pos = torch.arange(p, p + n)[None].expand(b, -1)
@@ -165,19 +213,30 @@ class Trainer:
         return mv.lm_head(text.norm(x)).float()
 
     def loss(self, batch) -> torch.Tensor:
-        """Weighted next-token loss of a collated batch (see :meth:`collate`)."""
+        """Weighted next-token loss of a collated batch (see :meth:`collate`), plus
+        ``aux_weight`` times the probe's loss when the probe is on."""
+        return self.losses(batch)[0]
+
+    def losses(self, batch):
+        """(total, next-token loss, probe loss or None), scalars with gradients."""
         ids, weights = batch[0], batch[1]
-        logits = self.logits(batch)[:, :-1]
+        unique_states = self.encode(batch[3])
+        logits = self.logits(batch, unique_states)[:, :-1]
         w = weights[:, 1:].reshape(-1)
         targets = ids[:, 1:].reshape(-1).masked_fill(w == 0, -100)  # <|image|> is not a row
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets,
                              reduction='none', ignore_index=-100)
-        return (ce * w).sum() / w.sum().clamp_min(1e-6)
+        lm = (ce * w).sum() / w.sum().clamp_min(1e-6)
+        if self.probe is None:
+            return lm, lm, None
+        aux = self.probe.loss(unique_states, batch[5])
+        return lm + self.cfg.aux_weight * aux, lm, aux
 
     # -------------------------------------------------------------- data
     def collate(self, episodes):
         """Episodes -> (ids (b, n) int64, weights (b, n) float32, frame_pos (b, nf) int64,
-        pixels (u, 3, H, W) of the unique frames, frame_map (b, nf) int64 into them)."""
+        pixels (u, 3, H, W) of the unique frames, frame_map (b, nf) int64 into them,
+        quadrant labels (u, 4, 2) int64 of the unique frames, see :func:`quadrant_labels`)."""
         cfg = self.cfg
         p = len(self.prefix)
         trs = [transcript(ep, self.tok, self.specials, cfg.silence_weight, seed=ep.seed)
@@ -189,7 +248,7 @@ class Trainer:
         weights = torch.zeros(len(trs), n)
         frame_pos = torch.full((len(trs), nf), 10 ** 6, dtype=torch.long)
         frame_map = torch.zeros(len(trs), nf, dtype=torch.long)
-        unique, pixels = {}, []
+        unique, pixels, labels = {}, [], []
         for i, (ep, tr) in enumerate(zip(episodes, trs)):
             ids[i, :len(tr.ids) - p] = torch.from_numpy(tr.ids[p:])
             weights[i, :len(tr.ids) - p] = torch.from_numpy(tr.weights[p:])
@@ -199,8 +258,10 @@ class Trainer:
                 if key not in unique:
                     unique[key] = len(pixels)
                     pixels.append(to_pixel_values(ep.frame(t), FRAME_PX))
+                    labels.append(quadrant_labels(state))
                 frame_map[i, t] = unique[key]
-        return ids, weights, frame_pos, torch.from_numpy(np.stack(pixels)), frame_map
+        return (ids, weights, frame_pos, torch.from_numpy(np.stack(pixels)), frame_map,
+                torch.from_numpy(np.stack(labels)))
 
 
 def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
@@ -217,8 +278,11 @@ def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
     config_dict = model_config(cfg, specials)
     hf_model = build_tiny_model(config_dict, seed=cfg.seed, gate_value=0.5).train()
     trainer = Trainer(hf_model, tok, specials, cfg)
-    decay = [p for n, p in hf_model.named_parameters() if p.ndim >= 2]
-    other = [p for n, p in hf_model.named_parameters() if p.ndim < 2]
+    params = list(hf_model.parameters())
+    if trainer.probe is not None:
+        params += list(trainer.probe.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    other = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.weight_decay},
                              {'params': other, 'weight_decay': 0.0}], lr=cfg.lr,
                             betas=(0.9, 0.98))
@@ -235,6 +299,7 @@ def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
         ema = AveragedModel(hf_model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
 
     losses: List[float] = []
+    aux_losses: List[float] = []
     bar = None
     if progress:
         from tqdm import tqdm
@@ -259,18 +324,23 @@ def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
             ahead.append(pool.submit(make_batch, step + 2))
         for group in opt.param_groups:
             group['lr'] = lr_at(step)
-        loss = trainer.loss(batch)
+        loss, lm, aux = trainer.losses(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf_model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if ema is not None:
             ema.update_parameters(hf_model)
-        losses.append(loss.item())
+        losses.append(lm.item())
+        if aux is not None:
+            aux_losses.append(aux.item())
         if bar is not None:
             bar.update(1)
             if step % log_every == 0:
-                bar.set_postfix(loss=f'{np.mean(losses[-log_every:]):.4f}')
+                post = {'loss': f'{np.mean(losses[-log_every:]):.4f}'}
+                if aux_losses:
+                    post['probe'] = f'{np.mean(aux_losses[-log_every:]):.4f}'
+                bar.set_postfix(post)
     pool.shutdown()
     if bar is not None:
         bar.close()
@@ -288,6 +358,9 @@ def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
             'vocab_size': config_dict['text_config']['vocab_size'],
             'final_loss': float(np.mean(losses[-20:])),
             'loss_curve': [round(v, 5) for v in losses]}
+    if aux_losses:
+        info['probe_final_loss'] = float(np.mean(aux_losses[-20:]))
+        info['probe_loss_curve'] = [round(v, 5) for v in aux_losses]
     (out_dir / 'train.json').write_text(json.dumps(info, indent=1))
     plot_loss(losses, out_dir / 'loss.png')
     return info
