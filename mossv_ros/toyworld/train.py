@@ -212,13 +212,10 @@ class Trainer:
                 x, _, _ = self._self_layer(layer, x, cos, sin, past[i])
         return mv.lm_head(text.norm(x)).float()
 
-    def loss(self, batch) -> torch.Tensor:
-        """Weighted next-token loss of a collated batch (see :meth:`collate`), plus
-        ``aux_weight`` times the probe's loss when the probe is on."""
-        return self.losses(batch)[0]
-
     def losses(self, batch):
-        """(total, next-token loss, probe loss or None), scalars with gradients."""
+        """Losses of a collated batch (see :meth:`collate`): (total, weighted next-token loss,
+        probe loss or None), scalars with gradients; total = next-token loss + ``aux_weight``
+        x probe loss when the probe is on."""
         ids, weights = batch[0], batch[1]
         unique_states = self.encode(batch[3])
         logits = self.logits(batch, unique_states)[:, :-1]
