@@ -6,6 +6,7 @@ medians over repeats, warm-up excluded. Prints tables, writes ``bench/results/cp
 ``bench/results/cpu_*.png``. Run with ``make bench`` (about 10 minutes on 2 cores).
 """
 import argparse
+import contextlib
 import tempfile
 import threading
 import time
@@ -188,28 +189,43 @@ def bench_memory(path, num_frames, budget):
 
 
 # ----------------------------------------------------------------------------- 4. ROS
-def bench_ros(tiny_path, decode_step_s):
-    """Per-image callback cost (1920x1080 rgb8 at 30 Hz, subsampled to 1 Hz) and per-token
-    publish cost of the node, against the engine's decode step."""
-    try:
-        import rclpy
-        from rclpy.parameter import Parameter
-        from rclpy.serialization import deserialize_message, serialize_message
-        from sensor_msgs.msg import Image
+@contextlib.contextmanager
+def assistant_node(tiny_path, *parameters):
+    """An activated in-process ``AssistantNode`` on the tiny model (CPU, float32) in its own
+    rclpy context, plus ``parameters`` (``rclpy.parameter.Parameter``); yields (node, context)
+    and stops the engine, destroys the node and shuts the context down afterwards."""
+    import rclpy
+    from rclpy.parameter import Parameter
 
-        from mossv_ros.engine.events import FrameRef
-        from mossv_ros.ros.node import AssistantNode
-    except ImportError as exc:
-        print(f'    skipped: {exc}')
-        return {'skipped': str(exc)}
+    from mossv_ros.ros.node import AssistantNode
     ctx = rclpy.Context()
     rclpy.init(context=ctx)
     node = AssistantNode(context=ctx, parameter_overrides=[
         Parameter('model.path', value=str(tiny_path)), Parameter('engine.device', value='cpu'),
-        Parameter('engine.dtype', value='float32')])
+        Parameter('engine.dtype', value='float32'), *parameters])
     try:
         node.trigger_configure()
         node.trigger_activate()
+        yield node, ctx
+    finally:
+        node._close_io()
+        node._stop_engine()
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+
+
+def bench_ros(tiny_path, decode_step_s):
+    """Per-image callback cost (1920x1080 rgb8 at 30 Hz, subsampled to 1 Hz) and per-token
+    publish cost of the node, against the engine's decode step."""
+    try:
+        from rclpy.serialization import deserialize_message, serialize_message
+        from sensor_msgs.msg import Image
+
+        from mossv_ros.engine.events import FrameRef
+    except ImportError as exc:
+        print(f'    skipped: {exc}')
+        return {'skipped': str(exc)}
+    with assistant_node(tiny_path) as (node, _):
         frame = np.random.default_rng(0).integers(0, 255, (1080, 1920, 3), dtype=np.uint8)
         msg = Image(height=1080, width=1920, encoding='rgb8', step=1920 * 3,
                     data=frame.tobytes())
@@ -240,11 +256,6 @@ def bench_ros(tiny_path, decode_step_s):
             t0 = time.perf_counter()
             node._publish_event(event)
             pub.append(time.perf_counter() - t0)
-    finally:
-        node._close_io()
-        node._stop_engine()
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
     stream_s = n / rate
     out = {'image_callback_admitted_ms': median(adm) * 1e3,
            'image_callback_subsampled_ms': median(skip) * 1e3,
@@ -266,6 +277,32 @@ def bench_ros(tiny_path, decode_step_s):
     return out
 
 
+def _stream_images(node, pub, frame, num_images, rate_hz):
+    """Publish ``num_images`` RGB frames at ``rate_hz`` (a question every 40), stamps 1 s apart;
+    returns the share the node took and its frame latency (arrival -> in cache)."""
+    from sensor_msgs.msg import Image
+
+    end = time.monotonic() + 10.0
+    while not pub.get_subscription_count() and time.monotonic() < end:
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    for i in range(num_images):
+        delay = t0 + i / rate_hz - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        if i % 40 == 5:
+            node.engine.submit_question('What do you see?', f'bench-{i}')
+        msg = Image(height=frame.shape[0], width=frame.shape[1], encoding='rgb8',
+                    step=frame.shape[1] * 3, data=frame.tobytes())
+        msg.header.stamp.sec, msg.header.frame_id = 1000 + i, 'cam'
+        pub.publish(msg)
+    time.sleep(1.0)
+    lat = list(node.engine.frame_latencies)
+    return {'images_taken_share': node.engine.stats().num_frames_received / num_images,
+            'frame_latency_p50_s': percentile(lat, 50),
+            'frame_latency_max_s': max(lat) if lat else float('nan')}
+
+
 def bench_executor(tiny_path, num_images=400, rate_hz=100.0, repeats=2):
     """Images the node takes from a fast stream, and frame latency (arrival -> in cache), when
     the process is spun by the stock rclpy 9.x ``MultiThreadedExecutor`` vs
@@ -278,7 +315,6 @@ def bench_executor(tiny_path, num_images=400, rate_hz=100.0, repeats=2):
         from sensor_msgs.msg import Image
 
         from mossv_ros.ros.executor import MultiThreadedExecutor as FixedExecutor
-        from mossv_ros.ros.node import AssistantNode
     except ImportError as exc:
         print(f'    skipped: {exc}')
         return {'skipped': str(exc)}
@@ -286,53 +322,23 @@ def bench_executor(tiny_path, num_images=400, rate_hz=100.0, repeats=2):
     runs = {'rclpy': [], 'mossv_ros': []}
     for rep in range(repeats):
         for kind, cls in (('rclpy', StockExecutor), ('mossv_ros', FixedExecutor)):
-            ctx = rclpy.Context()
-            rclpy.init(context=ctx)
             topic = f'/bench_image_{kind}_{rep}'
-            node = AssistantNode(context=ctx, parameter_overrides=[
-                Parameter('model.path', value=str(tiny_path)),
-                Parameter('engine.device', value='cpu'),
-                Parameter('engine.dtype', value='float32'),
-                Parameter('topics.images', value=[topic]),
-                Parameter('qos.image_reliability', value='reliable')])
-            cam = rclpy.create_node('bench_camera', context=ctx)
-            pub = cam.create_publisher(Image, topic, 10)
-            executor = cls(num_threads=4, context=ctx)
-            executor.add_node(node)
-            executor.add_node(cam)
-            spinner = threading.Thread(target=executor.spin, daemon=True)
-            spinner.start()
-            try:
-                node.trigger_configure()
-                node.trigger_activate()
-                end = time.monotonic() + 10.0
-                while not pub.get_subscription_count() and time.monotonic() < end:
-                    time.sleep(0.05)
-                t0 = time.monotonic()
-                for i in range(num_images):
-                    delay = t0 + i / rate_hz - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                    if i % 40 == 5:
-                        node.engine.submit_question('What do you see?', f'bench-{i}')
-                    msg = Image(height=120, width=160, encoding='rgb8', step=480,
-                                data=frame.tobytes())
-                    msg.header.stamp.sec, msg.header.frame_id = 1000 + i, 'cam'
-                    pub.publish(msg)
-                time.sleep(1.0)
-                stats = node.engine.stats()
-                lat = list(node.engine.frame_latencies)
-                runs[kind].append({'images_taken_share': stats.num_frames_received / num_images,
-                                   'frame_latency_p50_s': percentile(lat, 50),
-                                   'frame_latency_max_s': max(lat) if lat else float('nan')})
-            finally:
-                node._close_io()
-                node._stop_engine()
-                executor.shutdown(timeout_sec=1.0)
-                spinner.join(timeout=2.0)
-                node.destroy_node()
-                cam.destroy_node()
-                rclpy.try_shutdown(context=ctx)
+            with assistant_node(tiny_path, Parameter('topics.images', value=[topic]),
+                                Parameter('qos.image_reliability', value='reliable')) \
+                    as (node, ctx):
+                cam = rclpy.create_node('bench_camera', context=ctx)
+                pub = cam.create_publisher(Image, topic, 10)
+                executor = cls(num_threads=4, context=ctx)
+                executor.add_node(node)
+                executor.add_node(cam)
+                spinner = threading.Thread(target=executor.spin, daemon=True)
+                spinner.start()
+                try:
+                    runs[kind].append(_stream_images(node, pub, frame, num_images, rate_hz))
+                finally:
+                    executor.shutdown(timeout_sec=1.0)
+                    spinner.join(timeout=2.0)
+                    cam.destroy_node()
     out = {'num_images': num_images, 'rate_hz': rate_hz, 'runs': runs}
     for kind, rs in runs.items():
         out[kind] = {k: median([r[k] for r in rs]) for k in rs[0]}
