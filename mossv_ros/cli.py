@@ -139,7 +139,7 @@ def cmd_bag_play(ns) -> int:
 
 def cmd_toyworld_train(ns) -> int:
     from .toyworld.train import train, TrainConfig
-    cfg = TrainConfig(seed=ns.seed)
+    cfg = TrainConfig() if ns.seed is None else TrainConfig(seed=ns.seed)
     cfg.steps = ns.steps or cfg.steps
     cfg.batch_size = ns.batch_size or cfg.batch_size
     info = train(Path(ns.out), cfg)
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     tw_sub = tw.add_subparsers(dest='toyworld_command', required=True)
     tr = tw_sub.add_parser('train', help='train the tiny MOSS architecture on toyworld (CPU)')
     tr.add_argument('--out', required=True, help='checkpoint directory to write')
-    tr.add_argument('--seed', type=int, default=0)
+    tr.add_argument('--seed', type=int, default=None, help='default: TrainConfig.seed')
     tr.add_argument('--steps', type=int, default=None, help='default: TrainConfig.steps')
     tr.add_argument('--batch-size', type=int, default=None)
     tr.set_defaults(func=cmd_toyworld_train)

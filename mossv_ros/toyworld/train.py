@@ -37,22 +37,27 @@ from .world import CELLS, COLOURS, EVAL_SEED_BASE, FRAME_PX, KINDS, make_episode
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of ``toyworld train`` (the defaults reproduce the shipped model)."""
+    """Hyper-parameters of ``toyworld train`` (the defaults reproduce the shipped model).
 
-    seed: int = 0
-    steps: int = 3500
+    The recipe (probe on, ``<|silence|>`` weight 0.25, text width 128, 3,000 steps) and the seed
+    were chosen on validation episodes (seeds from 2,000,000), never on the held-out ones; the
+    README lists every run and the spread over seeds."""
+
+    #: seed 1 scored best on validation of seeds 0, 1, 2 (README, toyworld experiments)
+    seed: int = 1
+    steps: int = 3000
     batch_size: int = 8
     lr: float = 4e-3
     warmup: int = 30
     weight_decay: float = 0.01
-    silence_weight: float = 0.5
+    silence_weight: float = 0.25
     episode_frames: int = 32
     event_prob: float = 0.35
     question_gap_min: int = 3
     question_gap_max: int = 9
     interrupt_prob: float = 0.15
     qtype_p: tuple = (0.45, 0.2, 0.35)  # colour, count, when: the harder types more often
-    text_hidden: int = 96
+    text_hidden: int = 128
     text_intermediate: int = 256
     vision_hidden: int = 64
     #: RoPE base of the text model (self- and cross-attention positions)
@@ -61,7 +66,7 @@ class TrainConfig:
     #: (``torch.optim.swa_utils``); 0 disables it (tried at 0.998: no gain, see README)
     ema_decay: float = 0.0
     #: weight of the auxiliary quadrant kind/colour loss (:class:`AttributeProbe`); 0 = off
-    aux_weight: float = 0.0
+    aux_weight: float = 0.3
     threads: int = 0
 
 
