@@ -215,7 +215,7 @@ def test_shipped_model_was_trained_with_the_documented_defaults():
 
 def test_shipped_model_scores_through_the_engine():
     """Held-out episodes streamed through the engine reproduce the committed evaluation
-    (eval.json) and stay far above what a silent or always-speaking model gets."""
+    (eval.json) and meet the issue's targets."""
     import json
 
     from mossv_ros.toyworld import shipped_model_dir
@@ -226,6 +226,8 @@ def test_shipped_model_scores_through_the_engine():
     metrics, said = tw_eval.evaluate(shipped_model_dir(), episodes)
     for key in ('answer_accuracy_all', 'revision_recall', 'false_speak_rate', 'silence_recall'):
         assert metrics[key] == pytest.approx(committed[key], abs=0.02), key
-    assert metrics['answer_accuracy_all'] >= 0.8 and metrics['revision_recall'] >= 0.8
-    assert metrics['false_speak_rate'] <= 0.05
+    # the issue's targets: answer accuracy >= 0.9, revisions within 2 frames >= 0.9, false
+    # speech <= 0.05 of quiet frames
+    assert tw_eval.meets_targets(metrics) == {'answer_accuracy': True, 'revision_recall': True,
+                                              'false_speak_rate': True}
     assert report['targets'] == tw_eval.meets_targets(committed)
