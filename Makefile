@@ -19,7 +19,7 @@ bench: setup
 
 # Retrain the shipped toyworld model (CPU, about 13 minutes) and score it.
 toyworld: setup
-	$(VENV)/bin/mossv-ros toyworld train --out mossv_ros/data/toyworld --seed 1
+	$(VENV)/bin/mossv-ros toyworld train --out mossv_ros/data/toyworld --seed 4
 	$(VENV)/bin/mossv-ros toyworld eval --json mossv_ros/data/toyworld/eval.json \
 		--contact-sheet docs/toyworld_contact.png
 

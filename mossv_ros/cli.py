@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_toyworld_train)
     ev = tw_sub.add_parser('eval', help='score a model on held-out episodes via the engine')
     ev.add_argument('--model', help='checkpoint directory (default: the shipped toyworld model)')
-    ev.add_argument('--episodes', type=int, default=50)
+    ev.add_argument('--episodes', type=int, default=200)
     ev.add_argument('--seed-base', type=int, default=None,
                     help='first held-out seed (default: toyworld.world.EVAL_SEED_BASE)')
     ev.add_argument('--json', help='write metrics and utterances here')

@@ -98,11 +98,13 @@ class Transcript:
 
 
 def transcript(episode: Episode, tok, specials: Dict[str, int], silence_weight: float = 1.0,
-               seed: int = 0) -> Transcript:
+               seed: int = 0, revision_weight: float = 1.0) -> Transcript:
     """Token sequence, loss weights and frame positions of ``episode``.
 
     :param silence_weight: loss weight of ``<|silence|>`` targets (moss-model.md section 4.8,
         ``ForCausalLMLossWithSilence``); words weigh 1.
+    :param revision_weight: loss weight of the first word token of a revision (the decision
+        to speak up at the frame that shows a change); 1 = a word like any other.
     """
     rng = np.random.default_rng(seed)
     sil, img = specials[grammar.SILENCE], specials[grammar.IMAGE]
@@ -137,7 +139,11 @@ def transcript(episode: Episode, tok, specials: Dict[str, int], silence_weight: 
             add([sil], silence_weight)
             continue
         if said is not None:
-            add(enc(said[1]), 1.0)
+            words = enc(said[1])
+            if said[2]:  # a revision: its first token is the decision to speak up
+                add(words[:1], revision_weight)
+                words = words[1:]
+            add(words, 1.0)
         add([sil], silence_weight)
         if q is not None:
             add(enc(grammar.question_text(q.text)), 0.0)

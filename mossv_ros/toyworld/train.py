@@ -43,8 +43,8 @@ class TrainConfig:
     were chosen on validation episodes (seeds from 2,000,000), never on the held-out ones; the
     README lists every run and the spread over seeds."""
 
-    #: seed 1 scored best on validation of seeds 0, 1, 2 (README, toyworld experiments)
-    seed: int = 1
+    #: seed 4 scored best on validation of seeds 0-4 (README, toyworld experiments)
+    seed: int = 4
     steps: int = 3000
     batch_size: int = 8
     lr: float = 4e-3
@@ -67,6 +67,8 @@ class TrainConfig:
     ema_decay: float = 0.0
     #: weight of the auxiliary quadrant kind/colour loss (:class:`AttributeProbe`); 0 = off
     aux_weight: float = 0.3
+    #: loss weight of a revision's first token, the speak-up decision (1 = no extra weight)
+    revision_weight: float = 1.0
     threads: int = 0
 
 
@@ -241,7 +243,8 @@ class Trainer:
         quadrant labels (u, 4, 2) int64 of the unique frames, see :func:`quadrant_labels`)."""
         cfg = self.cfg
         p = len(self.prefix)
-        trs = [transcript(ep, self.tok, self.specials, cfg.silence_weight, seed=ep.seed)
+        trs = [transcript(ep, self.tok, self.specials, cfg.silence_weight, seed=ep.seed,
+                          revision_weight=cfg.revision_weight)
                for ep in episodes]
         n = max(len(tr.ids) for tr in trs) - p
         nf = max(ep.num_frames for ep in episodes)
