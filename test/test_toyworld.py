@@ -253,3 +253,33 @@ def test_shipped_model_scores_through_the_engine():
     assert targets['answer_accuracy'] and targets['false_speak_rate']
     assert metrics['revision_recall'] >= 0.85
     assert report['targets'] == tw_eval.meets_targets(committed)
+
+
+def test_event_weights_shift_the_event_mix():
+    """event_p=None keeps the evaluation episodes' uniform mix; weighting recolour makes
+    recolour events more frequent, and all-zero weights fall back to the uniform mix."""
+    from collections import Counter
+
+    def mix(**kw):
+        counts = Counter()
+        for seed in range(60):
+            ep = make_episode(seed, **kw)
+            for a, b in zip(ep.states, ep.states[1:]):
+                if a == b:
+                    continue
+                if set(a) != set(b):
+                    counts['appear' if len(b) > len(a) else 'disappear'] += 1
+                else:
+                    k = next(k for k in a if a[k] != b[k])
+                    counts['recolour' if a[k].cell == b[k].cell else 'move'] += 1
+        return counts
+
+    assert all(np.array_equal(x, y) for x, y in zip(make_episode(3).frames(),
+                                                     make_episode(3, event_p=None).frames()))
+    uniform, heavy = mix(), mix(event_p=(1.0, 1.0, 1.0, 4.0))
+    share = lambda c: c['recolour'] / sum(c.values())  # noqa: E731
+    assert share(heavy) > 1.5 * share(uniform)
+    # episodes start with a shape and recolouring never removes one: nothing else happens
+    only = mix(event_p=(0.0, 0.0, 0.0, 1.0))
+    assert only['recolour'] > 50 and only['appear'] + only['disappear'] + only['move'] == 0
+    assert sum(mix(event_p=(0.0, 0.0, 0.0, 0.0)).values()) > 50  # falls back to uniform

@@ -21,7 +21,7 @@ import json
 import math
 from pathlib import Path
 import time
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -57,6 +57,9 @@ class TrainConfig:
     question_gap_max: int = 9
     interrupt_prob: float = 0.15
     qtype_p: tuple = (0.45, 0.2, 0.35)  # colour, count, when: the harder types more often
+    #: relative weights of appear, disappear, move, recolour events (None = uniform, as in
+    #: the evaluation episodes)
+    event_p: Optional[tuple] = None
     text_hidden: int = 128
     text_intermediate: int = 256
     vision_hidden: int = 64
@@ -313,7 +316,8 @@ def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
         episodes = [make_episode((cfg.seed * 7919 + step * cfg.batch_size + i) % EVAL_SEED_BASE,
                                  num_frames=cfg.episode_frames, event_prob=cfg.event_prob,
                                  question_gap=(cfg.question_gap_min, cfg.question_gap_max),
-                                 interrupt_prob=cfg.interrupt_prob, qtype_p=cfg.qtype_p)
+                                 interrupt_prob=cfg.interrupt_prob, qtype_p=cfg.qtype_p,
+                                 event_p=cfg.event_p)
                     for i in range(cfg.batch_size)]
         return trainer.collate(episodes)
 

@@ -120,7 +120,8 @@ def _new_shape(rng, kind: str, cell: int, colour: Optional[str] = None) -> Shape
 
 def make_episode(seed: int, num_frames: int = 40, event_prob: float = 0.3,
                  question_gap: Tuple[int, int] = (5, 11), interrupt_prob: float = 0.0,
-                 qtype_p: Optional[Tuple[float, float, float]] = None) -> Episode:
+                 qtype_p: Optional[Tuple[float, float, float]] = None,
+                 event_p: Optional[Tuple[float, float, float, float]] = None) -> Episode:
     """A seeded episode: per second, with ``event_prob``, one shape appears, disappears, moves
     or changes colour; questions every ``question_gap`` frames (uniform, inclusive).
 
@@ -128,6 +129,9 @@ def make_episode(seed: int, num_frames: int = 40, event_prob: float = 0.3,
         (training transcripts exercise interruptions; evaluation episodes use 0).
     :param qtype_p: probabilities of the question types in :data:`QTYPES` order (default
         uniform).
+    :param event_p: relative weights (>= 0) of appear, disappear, move and recolour, among the
+        events possible in the current state (uniform when all of those weigh 0); default:
+        uniform (the evaluation episodes use the default).
     """
     rng = np.random.default_rng(seed)
     background = tuple(int(c) for c in rng.integers(200, 236, size=3))
@@ -139,7 +143,7 @@ def make_episode(seed: int, num_frames: int = 40, event_prob: float = 0.3,
     states = [dict(state)]
     for _ in range(1, num_frames):
         if rng.random() < event_prob:
-            state = _event(rng, dict(state))
+            state = _event(rng, dict(state), event_p)
         states.append(dict(state))
     episode = Episode(seed, background, states)
     t = int(rng.integers(1, 5))
@@ -159,11 +163,20 @@ def make_episode(seed: int, num_frames: int = 40, event_prob: float = 0.3,
     return episode
 
 
-def _event(rng, state: Dict[str, Shape]) -> Dict[str, Shape]:
+EVENTS = ('appear', 'disappear', 'move', 'recolour')
+
+
+def _event(rng, state: Dict[str, Shape], event_p=None) -> Dict[str, Shape]:
     present = list(state)
     absent = [k for k in KINDS if k not in state]
     options = (['appear'] * bool(absent)) + (['disappear', 'move', 'recolour'] * bool(present))
-    kind_of_event = str(rng.choice(options))
+    if event_p is None:
+        kind_of_event = str(rng.choice(options))
+    else:
+        w = np.array([event_p[EVENTS.index(o)] for o in options], float)
+        if w.sum() <= 0:  # none of the weighted events is possible here: any possible one
+            w = np.ones(len(options))
+        kind_of_event = str(rng.choice(options, p=w / w.sum()))
     if kind_of_event == 'appear':
         kind = str(rng.choice(absent))
         used = {s.cell for s in state.values()}
