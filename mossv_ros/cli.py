@@ -139,7 +139,8 @@ def cmd_bag_play(ns) -> int:
 
 def cmd_toyworld_train(ns) -> int:
     from .toyworld.train import train, TrainConfig
-    cfg = TrainConfig() if ns.seed is None else TrainConfig(seed=ns.seed)
+    cfg = TrainConfig()
+    cfg.seed = cfg.seed if ns.seed is None else ns.seed
     cfg.steps = ns.steps or cfg.steps
     cfg.batch_size = ns.batch_size or cfg.batch_size
     info = train(Path(ns.out), cfg)

@@ -142,6 +142,11 @@ def test_scoring_is_not_trivial():
     assert all(tw_eval.meets_targets(m).values())
     silent = tw_eval.score(eps, [[] for _ in eps])
     assert silent['revision_recall'] == 0.0 and silent['answer_accuracy_all'] < 0.5
+    by_change = m['revision_recall_by_change']
+    assert sum(v['changes'] for v in by_change.values()) == m['revisions']
+    assert all(v['hits'] == v['changes'] for v in by_change.values())
+    assert {'recolour', 'count'} <= set(by_change)
+    assert all(v['hits'] == 0 for v in silent['revision_recall_by_change'].values())
     chatty = tw_eval.score(eps, [[tw_eval.Utterance(t, 'The circle is red.')
                                   for t in range(ep.num_frames)] for ep in eps])
     assert chatty['false_speak_rate'] == 1.0 and not all(tw_eval.meets_targets(chatty).values())
@@ -256,8 +261,9 @@ def test_shipped_model_scores_through_the_engine():
 
 
 def test_event_weights_shift_the_event_mix():
-    """event_p=None keeps the evaluation episodes' uniform mix; weighting recolour makes
-    recolour events more frequent, and all-zero weights fall back to the uniform mix."""
+    """Weighting recolour makes recolour events more frequent, and all-zero weights fall back
+    to the uniform mix. (That the default, event_p=None, leaves the evaluation episodes as they
+    were is checked by the shipped model reproducing its committed eval.json.)"""
     from collections import Counter
 
     def mix(**kw):
@@ -274,8 +280,6 @@ def test_event_weights_shift_the_event_mix():
                     counts['recolour' if a[k].cell == b[k].cell else 'move'] += 1
         return counts
 
-    assert all(np.array_equal(x, y) for x, y in zip(make_episode(3).frames(),
-                                                     make_episode(3, event_p=None).frames()))
     uniform, heavy = mix(), mix(event_p=(1.0, 1.0, 1.0, 4.0))
     share = lambda c: c['recolour'] / sum(c.values())  # noqa: E731
     assert share(heavy) > 1.5 * share(uniform)

@@ -13,6 +13,7 @@ Metrics (all fractions in [0, 1]):
   staying silent until it appears is the answer);
 * ``revision_recall``: changes relevant to the active question followed by the expected update
   within ``WINDOW`` frames; ``revision_latency_frames``: mean frames from change to update;
+  ``revision_recall_by_change``: the same per kind of change (:func:`change_kind`);
 * ``false_speak_rate``: quiet frames (nothing due at this or the ``WINDOW`` previous frames)
   where the model speaks; ``silence_recall``: frames where the truth is silent and the model is.
 """
@@ -58,10 +59,19 @@ def eval_episodes(n: int, seed_base: int = EVAL_SEED_BASE,
     return [make_episode(seed_base + i, num_frames=num_frames) for i in range(n)]
 
 
+def change_kind(qtype: str, kind: str, state) -> str:
+    """What a revision reports: ``'recolour'`` (the asked shape has a new colour),
+    ``'gone'`` (the asked shape left), ``'count'`` or ``'appear'`` (a "tell me when")."""
+    if qtype == 'colour':
+        return 'recolour' if kind in state else 'gone'
+    return 'count' if qtype == 'count' else 'appear'
+
+
 def score(episodes: Sequence[Episode], said: Sequence[Sequence[Utterance]]) -> dict:
     """Score utterances per episode against the ground truth; see the module docstring."""
     answers = {q: [0, 0] for q in QTYPES}
     rev_hits, rev_total, latencies = 0, 0, []
+    by_change: Dict[str, List[int]] = {}  # kind of change -> [hits, total]
     quiet, false_speak, silent_truth, silent_ok = 0, 0, 0, 0
     for ep, utts in zip(episodes, said):
         spoken: Dict[int, str] = {}
@@ -86,8 +96,12 @@ def score(episodes: Sequence[Episode], said: Sequence[Sequence[Utterance]]) -> d
                 rev_total += 1
                 hit = next((t for t in range(t_change, min(t_change + WINDOW, end) + 1)
                             if spoken.get(t) == text), None)
+                tally = by_change.setdefault(change_kind(q.qtype, q.kind, ep.states[t_change]),
+                                             [0, 0])
+                tally[1] += 1
                 if hit is not None:
                     rev_hits += 1
+                    tally[0] += 1
                     latencies.append(hit - t_change)
         for t in range(ep.num_frames):
             if t not in truth:
@@ -105,6 +119,8 @@ def score(episodes: Sequence[Episode], said: Sequence[Sequence[Utterance]]) -> d
         'revisions': rev_total,
         'revision_recall': rev_hits / rev_total if rev_total else None,
         'revision_latency_frames': (sum(latencies) / len(latencies)) if latencies else None,
+        'revision_recall_by_change': {k: {'hits': h, 'changes': n}
+                                      for k, (h, n) in sorted(by_change.items())},
         'quiet_frames': quiet,
         'false_speak_rate': false_speak / quiet if quiet else None,
         'silence_recall': silent_ok / silent_truth if silent_truth else None,
