@@ -1,5 +1,6 @@
 """The node's executor (mossv_ros.ros.executor): rclpy's MultiThreadedExecutor without the
-busy re-submission loop of ros2/rclpy#1452."""
+busy re-submission loop of ros2/rclpy#1452 and with awaiting coroutine callbacks resumed
+(ros2/rclpy#1467)."""
 import threading
 import time
 
@@ -62,18 +63,20 @@ def test_every_callback_is_handed_to_the_pool_once(ros_context):
 
 
 def test_async_callback_resumes_after_its_await(ros_context):
-    """A coroutine callback that awaits a future is yielded again when the future completes;
-    it is then not waiting in the pool and must be resubmitted, not skipped."""
+    """A coroutine callback that awaits a future completed from another thread resumes: in
+    rclpy 9.x nothing wakes the executor for it (ros2/rclpy#1467), which hung about one run in
+    five before the executor polled awaiting tasks. Five awaits per run make a regression show."""
     from rclpy.task import Future
     from std_msgs.msg import Int32
 
     from mossv_ros.ros.executor import MultiThreadedExecutor
     node = rclpy.create_node('executor_async_test', context=ros_context)
-    gate, started, done = Future(), threading.Event(), []
+    gates = [Future() for _ in range(5)]
+    started, done = threading.Semaphore(0), []
 
     async def on_msg(msg):
-        started.set()
-        await gate
+        started.release()
+        await gates[msg.data]
         done.append(msg.data)
 
     node.create_subscription(Int32, 'executor_async_test', on_msg, 10)
@@ -83,14 +86,15 @@ def test_async_callback_resumes_after_its_await(ros_context):
     spinner = threading.Thread(target=executor.spin, daemon=True)
     spinner.start()
     try:
-        pub.publish(Int32(data=7))
-        assert started.wait(10.0)
-        assert done == []
-        gate.set_result(True)
-        end = time.monotonic() + 10.0
-        while not done and time.monotonic() < end:
-            time.sleep(0.02)
-        assert done == [7]
+        for i, gate in enumerate(gates):
+            pub.publish(Int32(data=i))
+            assert started.acquire(timeout=10.0)
+            assert done == list(range(i))  # still awaiting its gate
+            gate.set_result(True)
+            end = time.monotonic() + 10.0
+            while len(done) <= i and time.monotonic() < end:
+                time.sleep(0.01)
+            assert done == list(range(i + 1))
     finally:
         executor.shutdown(timeout_sec=2.0)
         spinner.join(timeout=5.0)

@@ -9,12 +9,19 @@ thread cannot even start the callback, and everything else in the process (the e
 threads) starves: we measured the node taking about 5 images/s from a 80 images/s stream and
 multi-second stalls in the demo. Here a task already in the pool is not submitted again, and
 the spin thread gives the GIL away after each hand-off, as upstream does.
+
+A second rclpy 9.x gap (ros2/rclpy#1467, fixed upstream by ros2/rclpy#1469): a coroutine
+callback that awaits a ``Future`` completed from another thread is never woken; it is resumed
+only if something else happens to wake the wait set, so it can hang for good. Here, while a
+coroutine task is left pending after a step, the pool thread wakes the spin thread again after
+``RESUME_POLL_S`` so the task is polled until its await completes.
 """
 import os
 import threading
 import time
 from typing import Callable, Optional
 
+from rclpy.exceptions import InvalidHandle
 from rclpy.executors import (
     ConditionReachedException,
     ExternalShutdownException,
@@ -22,6 +29,8 @@ from rclpy.executors import (
     TimeoutException,
 )
 from rclpy.executors import MultiThreadedExecutor as RclpyMultiThreadedExecutor
+
+RESUME_POLL_S = 0.002  # s between polls of a coroutine callback that awaits (ros2/rclpy#1467)
 
 
 class MultiThreadedExecutor(RclpyMultiThreadedExecutor):
@@ -41,6 +50,16 @@ class MultiThreadedExecutor(RclpyMultiThreadedExecutor):
         with self._queued_lock:
             self._queued.discard(id(handler))
         handler()
+        if not handler.done() and not handler.executing():
+            # A coroutine callback is awaiting: nothing will wake the wait set when what it
+            # awaits completes (ros2/rclpy#1467), so wake it to poll the task again.
+            time.sleep(RESUME_POLL_S)
+            guard = self._guard
+            if guard is not None:
+                try:
+                    guard.trigger()
+                except InvalidHandle:  # destroyed by a concurrent shutdown: nothing to resume
+                    pass
 
     def _spin_once_impl(self, timeout_sec=None,
                         wait_condition: Callable[[], bool] = lambda: False) -> None:
