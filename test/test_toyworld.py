@@ -217,6 +217,49 @@ def test_attribute_probe_learns_and_stays_out_of_the_checkpoint(tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the probe's gradient reached them
 
 
+def test_scene_probe_reads_image_rows_and_stays_out_of_the_checkpoint(tmp_path):
+    """The scene labels give each kind's colour (or absent) of the frame; the probe reads the
+    ``<|image|>`` rows; with state_weight > 0 its loss falls and the written checkpoint holds
+    the plain architecture."""
+    from safetensors.torch import load_file
+
+    from mossv_ros.engine.tiny import build_tiny_model, write_tiny_checkpoint
+    from mossv_ros.toyworld.data import build_tokenizer
+    from mossv_ros.toyworld.train import model_config, scene_labels, train, TrainConfig, Trainer
+    from mossv_ros.toyworld.world import COLOURS, KINDS
+
+    ep = make_episode(5, num_frames=12)
+    for state in ep.states:
+        labels = scene_labels(state)
+        for k, kind in enumerate(KINDS):
+            want = 1 + list(COLOURS).index(state[kind].colour) if kind in state else 0
+            assert labels[k] == want
+    small = dict(steps=80, batch_size=4, episode_frames=10, text_hidden=32,
+                 text_intermediate=64, vision_hidden=16)
+    tok, sp = build_tokenizer()
+    cfg = TrainConfig(state_weight=1.0, **small)
+    trainer = Trainer(build_tiny_model(model_config(cfg, sp), seed=0), tok, sp, cfg)
+    eps = [make_episode(7, num_frames=6), make_episode(8, num_frames=9)]
+    batch = trainer.collate(eps)
+    ids, frame_pos = batch[0], batch[2]
+    real = frame_pos < 10 ** 6
+    assert int(real.sum()) == 15
+    rows = torch.where(real, frame_pos - len(trainer.prefix), 0)
+    assert bool((ids.gather(1, rows)[real] == sp['<|image|>']).all())
+    assert torch.equal(batch[6][batch[4]][real],
+                       torch.from_numpy(np.stack([scene_labels(s) for e in eps
+                                                  for s in e.states])))
+    info = train(tmp_path / 'a', cfg, progress=False)
+    scene = info['scene_loss_curve']
+    assert np.mean(scene[-10:]) < 0.93 * np.mean(scene[:10])  # from ln(5) = 1.61: learning
+    plain_config = model_config(TrainConfig(**small), sp)
+    write_tiny_checkpoint(tmp_path / 'b', config_dict=plain_config,
+                          model=build_tiny_model(plain_config, seed=0))
+    a = load_file(str(tmp_path / 'a' / 'model.safetensors'))
+    b = load_file(str(tmp_path / 'b' / 'model.safetensors'))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+
+
 def test_shipped_model_was_trained_with_the_documented_defaults():
     """``mossv-ros toyworld train --seed 4`` (the TrainConfig defaults) is what produced the
     committed checkpoint, and the engine loads it like a real checkpoint."""

@@ -13,8 +13,13 @@ Loss: next-token cross-entropy on assistant tokens, ``<|silence|>`` targets weig
 ``aux_weight`` > 0, an auxiliary loss on the vision side: a linear probe reads each pooled
 quadrant token of the cross-attention states and predicts which shape kind and colour that
 quadrant holds (:class:`AttributeProbe`). Real VLMs start from a pretrained vision encoder; this
-is the toyworld's stand-in for that pretraining, run jointly. The probe is not part of the
-checkpoint: the written model is the plain MOSS architecture.
+is the toyworld's stand-in for that pretraining, run jointly. With ``state_weight`` > 0, a
+second probe reads the text stream at every ``<|image|>`` row after the first cross-attention
+layer and predicts the scene of that frame (each kind's colour, or absent)
+(:class:`SceneProbe`): the stand-in for a VLM pretrained to describe what it sees, so that the
+rows where the speak-or-stay-silent decision is taken hold the current scene to compare with
+what was said. Neither probe is part of the checkpoint: the written model is the plain MOSS
+architecture.
 """
 from dataclasses import asdict, dataclass
 import json
@@ -72,6 +77,8 @@ class TrainConfig:
     aux_weight: float = 0.3
     #: loss weight of a revision's first token, the speak-up decision (1 = no extra weight)
     revision_weight: float = 1.0
+    #: weight of the auxiliary scene loss at ``<|image|>`` rows (:class:`SceneProbe`); 0 = off
+    state_weight: float = 0.0
     threads: int = 0
 
 
@@ -107,6 +114,30 @@ class AttributeProbe(torch.nn.Module):
         return 0.5 * (kind + colour)
 
 
+class SceneProbe(torch.nn.Module):
+    """Linear read-out of the text hidden state at a frame's ``<|image|>`` row after the first
+    cross-attention layer: for each kind in :data:`~mossv_ros.toyworld.world.KINDS`, logits
+    of absent + :data:`~mossv_ros.toyworld.world.COLOURS` in that frame."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(hidden, len(KINDS) * (1 + len(COLOURS)))
+
+    def loss(self, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """:param rows: (M, hidden) hidden states of ``<|image|>`` rows.
+        :param labels: (M, len(KINDS)) int64, see :func:`scene_labels`.
+        :returns: mean cross-entropy (scalar)."""
+        logits = self.head(rows).view(-1, len(KINDS), 1 + len(COLOURS))
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def scene_labels(state) -> np.ndarray:
+    """(len(KINDS),) int64: per kind 0 = absent, else 1 + its colour's index in COLOURS."""
+    colours = list(COLOURS)
+    return np.array([1 + colours.index(state[k].colour) if k in state else 0 for k in KINDS],
+                    np.int64)
+
+
 def quadrant_labels(state) -> np.ndarray:
     """(4, 2) int64 kind / colour indices per cell of a toyworld state (0 = empty)."""
     out = np.zeros((len(CELLS), 2), np.int64)
@@ -124,6 +155,8 @@ class Trainer:
         self.tok, self.specials, self.cfg = tok, specials, cfg
         self.probe = AttributeProbe(hf_model.config.text_config.hidden_size) \
             if cfg.aux_weight > 0 else None
+        self.scene_probe = SceneProbe(hf_model.config.text_config.hidden_size) \
+            if cfg.state_weight > 0 else None
         ids = tok.encode(grammar.session_start_text(), add_special_tokens=False).ids
         #: constant session prefix minus its last token (run without gradients)
         self.prefix = torch.tensor(ids[:-1])
@@ -195,11 +228,13 @@ class Trainer:
         y = y + layer.cross_attn_mlp_gate.tanh() * layer.mlp(layer.post_attention_layernorm(y))
         return torch.where(sees[..., None], y, x)
 
-    def logits(self, batch, unique_states=None) -> torch.Tensor:
+    def logits(self, batch, unique_states=None, hidden: Optional[list] = None) -> torch.Tensor:
         """Float32 logits (b, n, vocab) of every row after the shared prefix, i.e. the
         prediction of ``ids[:, i + 1]`` at row i (see :meth:`collate`).
 
-        :param unique_states: ``encode(pixels)`` if already computed."""
+        :param unique_states: ``encode(pixels)`` if already computed.
+        :param hidden: if a list, the hidden states (b, n, hidden) after the first
+            cross-attention layer are appended to it."""
         mv, text = self.mv, self.mv.text
         ids, _, frame_pos, pixels, frame_map = batch[:5]
         b, n = ids.shape
@@ -218,32 +253,45 @@ class Trainer:
         for i, layer in enumerate(text.layers):
             if i in mv.cross_layer_ids:
                 x = self._cross_layer(layer, x, cos, sin, states, frame_pos, mask, sees)
+                if hidden is not None and i == mv.cross_layer_ids[0]:
+                    hidden.append(x)
             else:
                 x, _, _ = self._self_layer(layer, x, cos, sin, past[i])
         return mv.lm_head(text.norm(x)).float()
 
     def losses(self, batch):
-        """Losses of a collated batch (see :meth:`collate`): (total, weighted next-token loss,
-        probe loss or None), scalars with gradients; total = next-token loss + ``aux_weight``
-        x probe loss when the probe is on."""
+        """Losses of a collated batch (see :meth:`collate`): (total, parts), scalars with
+        gradients; parts maps 'lm' to the weighted next-token loss and, for the probes that are
+        on, 'probe' and 'scene' to their losses; total = lm + ``aux_weight`` x probe +
+        ``state_weight`` x scene."""
         ids, weights = batch[0], batch[1]
         unique_states = self.encode(batch[3])
-        logits = self.logits(batch, unique_states)[:, :-1]
+        hidden = [] if self.scene_probe is not None else None
+        logits = self.logits(batch, unique_states, hidden)[:, :-1]
         w = weights[:, 1:].reshape(-1)
         targets = ids[:, 1:].reshape(-1).masked_fill(w == 0, -100)  # <|image|> is not a row
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets,
                              reduction='none', ignore_index=-100)
         lm = (ce * w).sum() / w.sum().clamp_min(1e-6)
-        if self.probe is None:
-            return lm, lm, None
-        aux = self.probe.loss(unique_states, batch[5])
-        return lm + self.cfg.aux_weight * aux, lm, aux
+        total, parts = lm, {'lm': lm}
+        if self.probe is not None:
+            parts['probe'] = self.probe.loss(unique_states, batch[5])
+            total = total + self.cfg.aux_weight * parts['probe']
+        if self.scene_probe is not None:
+            frame_pos, frame_map = batch[2], batch[4]
+            real = frame_pos < 10 ** 6  # padding frames sit at 10**6
+            rows = torch.where(real, frame_pos - len(self.prefix), 0)
+            picked = hidden[0].gather(1, rows[..., None].expand(-1, -1, hidden[0].shape[-1]))
+            parts['scene'] = self.scene_probe.loss(picked[real], batch[6][frame_map][real])
+            total = total + self.cfg.state_weight * parts['scene']
+        return total, parts
 
     # -------------------------------------------------------------- data
     def collate(self, episodes):
         """Episodes -> (ids (b, n) int64, weights (b, n) float32, frame_pos (b, nf) int64,
         pixels (u, 3, H, W) of the unique frames, frame_map (b, nf) int64 into them,
-        quadrant labels (u, 4, 2) int64 of the unique frames, see :func:`quadrant_labels`)."""
+        quadrant labels (u, 4, 2) int64 of the unique frames, see :func:`quadrant_labels`,
+        scene labels (u, len(KINDS)) int64 of the unique frames, see :func:`scene_labels`)."""
         cfg = self.cfg
         p = len(self.prefix)
         trs = [transcript(ep, self.tok, self.specials, cfg.silence_weight, seed=ep.seed,
@@ -256,7 +304,7 @@ class Trainer:
         weights = torch.zeros(len(trs), n)
         frame_pos = torch.full((len(trs), nf), 10 ** 6, dtype=torch.long)
         frame_map = torch.zeros(len(trs), nf, dtype=torch.long)
-        unique, pixels, labels = {}, [], []
+        unique, pixels, labels, scenes = {}, [], [], []
         for i, (ep, tr) in enumerate(zip(episodes, trs)):
             ids[i, :len(tr.ids) - p] = torch.from_numpy(tr.ids[p:])
             weights[i, :len(tr.ids) - p] = torch.from_numpy(tr.weights[p:])
@@ -267,9 +315,10 @@ class Trainer:
                     unique[key] = len(pixels)
                     pixels.append(to_pixel_values(ep.frame(t), FRAME_PX))
                     labels.append(quadrant_labels(state))
+                    scenes.append(scene_labels(state))
                 frame_map[i, t] = unique[key]
         return (ids, weights, frame_pos, torch.from_numpy(np.stack(pixels)), frame_map,
-                torch.from_numpy(np.stack(labels)))
+                torch.from_numpy(np.stack(labels)), torch.from_numpy(np.stack(scenes)))
 
 
 def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
@@ -289,6 +338,8 @@ def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
     params = list(hf_model.parameters())
     if trainer.probe is not None:
         params += list(trainer.probe.parameters())
+    if trainer.scene_probe is not None:
+        params += list(trainer.scene_probe.parameters())
     decay = [p for p in params if p.ndim >= 2]
     other = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.weight_decay},
@@ -308,6 +359,7 @@ def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
 
     losses: List[float] = []
     aux_losses: List[float] = []
+    scene_losses: List[float] = []
     bar = None
     if progress:
         from tqdm import tqdm
@@ -333,22 +385,26 @@ def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
             ahead.append(pool.submit(make_batch, step + 2))
         for group in opt.param_groups:
             group['lr'] = lr_at(step)
-        loss, lm, aux = trainer.losses(batch)
+        loss, parts = trainer.losses(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if ema is not None:
             ema.update_parameters(hf_model)
-        losses.append(lm.item())
-        if aux is not None:
-            aux_losses.append(aux.item())
+        losses.append(parts['lm'].item())
+        if 'probe' in parts:
+            aux_losses.append(parts['probe'].item())
+        if 'scene' in parts:
+            scene_losses.append(parts['scene'].item())
         if bar is not None:
             bar.update(1)
             if step % log_every == 0:
                 post = {'loss': f'{np.mean(losses[-log_every:]):.4f}'}
                 if aux_losses:
                     post['probe'] = f'{np.mean(aux_losses[-log_every:]):.4f}'
+                if scene_losses:
+                    post['scene'] = f'{np.mean(scene_losses[-log_every:]):.4f}'
                 bar.set_postfix(post)
     pool.shutdown()
     if bar is not None:
@@ -370,6 +426,9 @@ def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
     if aux_losses:
         info['probe_final_loss'] = float(np.mean(aux_losses[-20:]))
         info['probe_loss_curve'] = [round(v, 5) for v in aux_losses]
+    if scene_losses:
+        info['scene_final_loss'] = float(np.mean(scene_losses[-20:]))
+        info['scene_loss_curve'] = [round(v, 5) for v in scene_losses]
     (out_dir / 'train.json').write_text(json.dumps(info, indent=1))
     plot_loss(losses, out_dir / 'loss.png')
     return info
