@@ -218,14 +218,22 @@ def test_attribute_probe_learns_and_stays_out_of_the_checkpoint(tmp_path):
 
 
 def test_scene_probe_reads_image_rows_and_stays_out_of_the_checkpoint(tmp_path):
-    """The scene labels give each kind's colour (or absent) of the frame; the probe reads the
-    ``<|image|>`` rows; with state_weight > 0 its loss falls and the written checkpoint holds
-    the plain architecture."""
+    """The scene labels give each kind's colour (or absent) of the frame and the change labels
+    what differs from the previous frame; the probes read the ``<|image|>`` rows; with
+    state_weight > 0 the scene loss falls and the written checkpoint holds the plain
+    architecture."""
     from safetensors.torch import load_file
 
     from mossv_ros.engine.tiny import build_tiny_model, write_tiny_checkpoint
     from mossv_ros.toyworld.data import build_tokenizer
-    from mossv_ros.toyworld.train import model_config, scene_labels, train, TrainConfig, Trainer
+    from mossv_ros.toyworld.train import (
+        change_labels,
+        model_config,
+        scene_labels,
+        train,
+        TrainConfig,
+        Trainer,
+    )
     from mossv_ros.toyworld.world import COLOURS, KINDS
 
     ep = make_episode(5, num_frames=12)
@@ -249,6 +257,21 @@ def test_scene_probe_reads_image_rows_and_stays_out_of_the_checkpoint(tmp_path):
     assert torch.equal(batch[6][batch[4]][real],
                        torch.from_numpy(np.stack([scene_labels(s) for e in eps
                                                   for s in e.states])))
+    changed = change_labels(batch[6][batch[4]])
+    for b, e in enumerate(eps):
+        for t in range(1, e.num_frames):
+            before, now = e.states[t - 1], e.states[t]
+            assert changed[b, t].tolist() == [
+                float((k in now) != (k in before) or (k in now and k in before and
+                                                     now[k].colour != before[k].colour))
+                for k in KINDS]
+    assert changed.sum() > 0 and not changed[:, 0].any()
+    with_change = Trainer(build_tiny_model(model_config(cfg, sp), seed=0), tok, sp,
+                          TrainConfig(state_weight=1.0, change_weight=1.0, **small))
+    total, parts = with_change.losses(batch)
+    assert set(parts) == {'lm', 'probe', 'scene', 'change'}
+    assert torch.isclose(total, parts['lm'] + cfg.aux_weight * parts['probe'] + parts['scene']
+                         + parts['change'])
     info = train(tmp_path / 'a', cfg, progress=False)
     scene = info['scene_loss_curve']
     assert np.mean(scene[-10:]) < 0.93 * np.mean(scene[:10])  # from ln(5) = 1.61: learning

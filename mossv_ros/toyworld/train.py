@@ -79,6 +79,8 @@ class TrainConfig:
     revision_weight: float = 1.0
     #: weight of the auxiliary scene loss at ``<|image|>`` rows (:class:`SceneProbe`); 0 = off
     state_weight: float = 0.0
+    #: weight of the auxiliary change loss at ``<|image|>`` rows (:class:`ChangeProbe`); 0 = off
+    change_weight: float = 0.0
     threads: int = 0
 
 
@@ -131,11 +133,35 @@ class SceneProbe(torch.nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
+class ChangeProbe(torch.nn.Module):
+    """Linear read-out of the text hidden state at a frame's ``<|image|>`` row after the layer
+    that follows the first cross-attention layer (its self-attention can compare the frame's
+    row with the previous frame's): for each kind, the logit that its colour or presence
+    changed since the previous frame."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(hidden, len(KINDS))
+
+    def loss(self, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """:param rows: (M, hidden). :param labels: (M, len(KINDS)) 0/1 float32.
+        :returns: mean binary cross-entropy (scalar)."""
+        return F.binary_cross_entropy_with_logits(self.head(rows), labels)
+
+
 def scene_labels(state) -> np.ndarray:
     """(len(KINDS),) int64: per kind 0 = absent, else 1 + its colour's index in COLOURS."""
     colours = list(COLOURS)
     return np.array([1 + colours.index(state[k].colour) if k in state else 0 for k in KINDS],
                     np.int64)
+
+
+def change_labels(scenes: torch.Tensor) -> torch.Tensor:
+    """(b, nf, K) float32 0/1: kind k's colour or presence differs from the previous frame's
+    (frame 0: 0), from the :func:`scene_labels` of an episode's frames, (b, nf, K) int64."""
+    changed = torch.zeros(scenes.shape, dtype=torch.float32)
+    changed[:, 1:] = (scenes[:, 1:] != scenes[:, :-1]).float()
+    return changed
 
 
 def quadrant_labels(state) -> np.ndarray:
@@ -157,6 +183,8 @@ class Trainer:
             if cfg.aux_weight > 0 else None
         self.scene_probe = SceneProbe(hf_model.config.text_config.hidden_size) \
             if cfg.state_weight > 0 else None
+        self.change_probe = ChangeProbe(hf_model.config.text_config.hidden_size) \
+            if cfg.change_weight > 0 else None
         ids = tok.encode(grammar.session_start_text(), add_special_tokens=False).ids
         #: constant session prefix minus its last token (run without gradients)
         self.prefix = torch.tensor(ids[:-1])
@@ -234,7 +262,7 @@ class Trainer:
 
         :param unique_states: ``encode(pixels)`` if already computed.
         :param hidden: if a list, the hidden states (b, n, hidden) after the first
-            cross-attention layer are appended to it."""
+            cross-attention layer and after the layer that follows it are appended to it."""
         mv, text = self.mv, self.mv.text
         ids, _, frame_pos, pixels, frame_map = batch[:5]
         b, n = ids.shape
@@ -257,6 +285,8 @@ class Trainer:
                     hidden.append(x)
             else:
                 x, _, _ = self._self_layer(layer, x, cos, sin, past[i])
+                if hidden is not None and i == mv.cross_layer_ids[0] + 1:
+                    hidden.append(x)
         return mv.lm_head(text.norm(x)).float()
 
     def losses(self, batch):
@@ -266,7 +296,7 @@ class Trainer:
         ``state_weight`` x scene."""
         ids, weights = batch[0], batch[1]
         unique_states = self.encode(batch[3])
-        hidden = [] if self.scene_probe is not None else None
+        hidden = [] if self.scene_probe is not None or self.change_probe is not None else None
         logits = self.logits(batch, unique_states, hidden)[:, :-1]
         w = weights[:, 1:].reshape(-1)
         targets = ids[:, 1:].reshape(-1).masked_fill(w == 0, -100)  # <|image|> is not a row
@@ -277,13 +307,20 @@ class Trainer:
         if self.probe is not None:
             parts['probe'] = self.probe.loss(unique_states, batch[5])
             total = total + self.cfg.aux_weight * parts['probe']
-        if self.scene_probe is not None:
+        if hidden is not None:
             frame_pos, frame_map = batch[2], batch[4]
             real = frame_pos < 10 ** 6  # padding frames sit at 10**6
-            rows = torch.where(real, frame_pos - len(self.prefix), 0)
-            picked = hidden[0].gather(1, rows[..., None].expand(-1, -1, hidden[0].shape[-1]))
-            parts['scene'] = self.scene_probe.loss(picked[real], batch[6][frame_map][real])
+            rows = torch.where(real, frame_pos - len(self.prefix), 0)[..., None]
+            rows = rows.expand(-1, -1, hidden[0].shape[-1])
+        if self.scene_probe is not None:
+            picked = hidden[0].gather(1, rows)[real]
+            parts['scene'] = self.scene_probe.loss(picked, batch[6][frame_map][real])
             total = total + self.cfg.state_weight * parts['scene']
+        if self.change_probe is not None:
+            picked = hidden[1].gather(1, rows)[real]
+            changed = change_labels(batch[6][frame_map])[real]
+            parts['change'] = self.change_probe.loss(picked, changed)
+            total = total + self.cfg.change_weight * parts['change']
         return total, parts
 
     # -------------------------------------------------------------- data
@@ -338,8 +375,9 @@ def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
     params = list(hf_model.parameters())
     if trainer.probe is not None:
         params += list(trainer.probe.parameters())
-    if trainer.scene_probe is not None:
-        params += list(trainer.scene_probe.parameters())
+    for probe in (trainer.scene_probe, trainer.change_probe):
+        if probe is not None:
+            params += list(probe.parameters())
     decay = [p for p in params if p.ndim >= 2]
     other = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg.weight_decay},
@@ -360,6 +398,7 @@ def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
     losses: List[float] = []
     aux_losses: List[float] = []
     scene_losses: List[float] = []
+    change_losses: List[float] = []
     bar = None
     if progress:
         from tqdm import tqdm
@@ -397,6 +436,8 @@ def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
             aux_losses.append(parts['probe'].item())
         if 'scene' in parts:
             scene_losses.append(parts['scene'].item())
+        if 'change' in parts:
+            change_losses.append(parts['change'].item())
         if bar is not None:
             bar.update(1)
             if step % log_every == 0:
@@ -429,6 +470,9 @@ def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
     if scene_losses:
         info['scene_final_loss'] = float(np.mean(scene_losses[-20:]))
         info['scene_loss_curve'] = [round(v, 5) for v in scene_losses]
+    if change_losses:
+        info['change_final_loss'] = float(np.mean(change_losses[-20:]))
+        info['change_loss_curve'] = [round(v, 5) for v in change_losses]
     (out_dir / 'train.json').write_text(json.dumps(info, indent=1))
     plot_loss(losses, out_dir / 'loss.png')
     return info
