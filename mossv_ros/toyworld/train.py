@@ -44,12 +44,12 @@ from .world import CELLS, COLOURS, EVAL_SEED_BASE, FRAME_PX, KINDS, make_episode
 class TrainConfig:
     """Hyper-parameters of ``toyworld train`` (the defaults reproduce the shipped model).
 
-    The recipe (probe on, ``<|silence|>`` weight 0.25, text width 128, 3,000 steps) and the seed
-    were chosen on validation episodes (seeds from 2,000,000), never on the held-out ones; the
-    README lists every run and the spread over seeds."""
+    The recipe (attribute probe 0.3, scene probe 0.3, ``<|silence|>`` weight 0.25, text width
+    128, 3,000 steps) and the seed were chosen on validation episodes (seeds from 2,000,000),
+    never on the held-out ones; the README lists every run and the spread over seeds."""
 
-    #: seed 4 scored best on validation of seeds 0-4 (README, toyworld experiments)
-    seed: int = 4
+    #: with the scene probe, seed 1 met every target on validation (README, toyworld experiments)
+    seed: int = 1
     steps: int = 3000
     batch_size: int = 8
     lr: float = 4e-3
@@ -78,7 +78,7 @@ class TrainConfig:
     #: loss weight of a revision's first token, the speak-up decision (1 = no extra weight)
     revision_weight: float = 1.0
     #: weight of the auxiliary scene loss at ``<|image|>`` rows (:class:`SceneProbe`); 0 = off
-    state_weight: float = 0.0
+    state_weight: float = 0.3
     #: weight of the auxiliary change loss at ``<|image|>`` rows (:class:`ChangeProbe`); 0 = off
     change_weight: float = 0.0
     threads: int = 0
