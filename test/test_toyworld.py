@@ -249,11 +249,9 @@ def test_scene_probe_reads_image_rows_and_stays_out_of_the_checkpoint(tmp_path):
     trainer = Trainer(build_tiny_model(model_config(cfg, sp), seed=0), tok, sp, cfg)
     eps = [make_episode(7, num_frames=6), make_episode(8, num_frames=9)]
     batch = trainer.collate(eps)
-    ids, frame_pos = batch[0], batch[2]
-    real = frame_pos < 10 ** 6
+    rows, real = trainer.image_rows(batch[2])  # the rows the probes read
     assert int(real.sum()) == 15
-    rows = torch.where(real, frame_pos - len(trainer.prefix), 0)
-    assert bool((ids.gather(1, rows)[real] == sp['<|image|>']).all())
+    assert bool((batch[0].gather(1, rows)[real] == sp['<|image|>']).all())
     assert torch.equal(batch[6][batch[4]][real],
                        torch.from_numpy(np.stack([scene_labels(s) for e in eps
                                                   for s in e.states])))

@@ -26,7 +26,7 @@ import json
 import math
 from pathlib import Path
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from ..engine.preprocess import to_pixel_values
 from ..engine.tiny import build_tiny_model, tiny_config_dict, write_tiny_checkpoint
 from .data import build_tokenizer, save_tokenizer, transcript
 from .world import CELLS, COLOURS, EVAL_SEED_BASE, FRAME_PX, KINDS, make_episode
+
+#: text position given to the padding frames of a shorter episode in a batch: never visible
+PAD_FRAME_POS = 10 ** 6
 
 
 @dataclass
@@ -289,11 +292,19 @@ class Trainer:
                     hidden.append(x)
         return mv.lm_head(text.norm(x)).float()
 
+    def image_rows(self, frame_pos: torch.Tensor):
+        """Rows (after the shared prefix) of each frame's ``<|image|>`` token.
+
+        :param frame_pos: (b, nf) int64 text positions from :meth:`collate`.
+        :returns: (rows (b, nf) int64, 0 for padding frames; real (b, nf) bool)."""
+        real = frame_pos < PAD_FRAME_POS
+        return torch.where(real, frame_pos - len(self.prefix), 0), real
+
     def losses(self, batch):
         """Losses of a collated batch (see :meth:`collate`): (total, parts), scalars with
         gradients; parts maps 'lm' to the weighted next-token loss and, for the probes that are
-        on, 'probe' and 'scene' to their losses; total = lm + ``aux_weight`` x probe +
-        ``state_weight`` x scene."""
+        on, 'probe', 'scene' and 'change' to their losses; total = lm + ``aux_weight`` x probe
+        + ``state_weight`` x scene + ``change_weight`` x change."""
         ids, weights = batch[0], batch[1]
         unique_states = self.encode(batch[3])
         hidden = [] if self.scene_probe is not None or self.change_probe is not None else None
@@ -308,17 +319,16 @@ class Trainer:
             parts['probe'] = self.probe.loss(unique_states, batch[5])
             total = total + self.cfg.aux_weight * parts['probe']
         if hidden is not None:
-            frame_pos, frame_map = batch[2], batch[4]
-            real = frame_pos < 10 ** 6  # padding frames sit at 10**6
-            rows = torch.where(real, frame_pos - len(self.prefix), 0)[..., None]
-            rows = rows.expand(-1, -1, hidden[0].shape[-1])
+            rows, real = self.image_rows(batch[2])
+            rows = rows[..., None].expand(-1, -1, hidden[0].shape[-1])
+            scenes = batch[6][batch[4]]  # (b, nf, kinds)
         if self.scene_probe is not None:
             picked = hidden[0].gather(1, rows)[real]
-            parts['scene'] = self.scene_probe.loss(picked, batch[6][frame_map][real])
+            parts['scene'] = self.scene_probe.loss(picked, scenes[real])
             total = total + self.cfg.state_weight * parts['scene']
         if self.change_probe is not None:
             picked = hidden[1].gather(1, rows)[real]
-            changed = change_labels(batch[6][frame_map])[real]
+            changed = change_labels(scenes)[real]
             parts['change'] = self.change_probe.loss(picked, changed)
             total = total + self.cfg.change_weight * parts['change']
         return total, parts
@@ -339,7 +349,7 @@ class Trainer:
         pad = self.specials['<|finetune_right_pad_id|>']
         ids = torch.full((len(trs), n), pad, dtype=torch.long)
         weights = torch.zeros(len(trs), n)
-        frame_pos = torch.full((len(trs), nf), 10 ** 6, dtype=torch.long)
+        frame_pos = torch.full((len(trs), nf), PAD_FRAME_POS, dtype=torch.long)
         frame_map = torch.zeros(len(trs), nf, dtype=torch.long)
         unique, pixels, labels, scenes = {}, [], [], []
         for i, (ep, tr) in enumerate(zip(episodes, trs)):
@@ -373,9 +383,7 @@ def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
     hf_model = build_tiny_model(config_dict, seed=cfg.seed, gate_value=0.5).train()
     trainer = Trainer(hf_model, tok, specials, cfg)
     params = list(hf_model.parameters())
-    if trainer.probe is not None:
-        params += list(trainer.probe.parameters())
-    for probe in (trainer.scene_probe, trainer.change_probe):
+    for probe in (trainer.probe, trainer.scene_probe, trainer.change_probe):
         if probe is not None:
             params += list(probe.parameters())
     decay = [p for p in params if p.ndim >= 2]
@@ -395,10 +403,7 @@ def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
         ema = AveragedModel(hf_model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
 
-    losses: List[float] = []
-    aux_losses: List[float] = []
-    scene_losses: List[float] = []
-    change_losses: List[float] = []
+    curves: Dict[str, List[float]] = {}  # loss part ('lm', 'probe', ...) -> value per step
     bar = None
     if progress:
         from tqdm import tqdm
@@ -431,22 +436,13 @@ def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
         opt.step()
         if ema is not None:
             ema.update_parameters(hf_model)
-        losses.append(parts['lm'].item())
-        if 'probe' in parts:
-            aux_losses.append(parts['probe'].item())
-        if 'scene' in parts:
-            scene_losses.append(parts['scene'].item())
-        if 'change' in parts:
-            change_losses.append(parts['change'].item())
+        for name, value in parts.items():
+            curves.setdefault(name, []).append(value.item())
         if bar is not None:
             bar.update(1)
             if step % log_every == 0:
-                post = {'loss': f'{np.mean(losses[-log_every:]):.4f}'}
-                if aux_losses:
-                    post['probe'] = f'{np.mean(aux_losses[-log_every:]):.4f}'
-                if scene_losses:
-                    post['scene'] = f'{np.mean(scene_losses[-log_every:]):.4f}'
-                bar.set_postfix(post)
+                bar.set_postfix({'loss' if name == 'lm' else name: f'{np.mean(c[-log_every:]):.4f}'
+                                 for name, c in curves.items()})
     pool.shutdown()
     if bar is not None:
         bar.close()
@@ -462,19 +458,14 @@ def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
             'config': asdict(cfg), 'wall_sec': round(wall, 1),
             'parameters': sum(p.numel() for p in hf_model.parameters()),
             'vocab_size': config_dict['text_config']['vocab_size'],
-            'final_loss': float(np.mean(losses[-20:])),
-            'loss_curve': [round(v, 5) for v in losses]}
-    if aux_losses:
-        info['probe_final_loss'] = float(np.mean(aux_losses[-20:]))
-        info['probe_loss_curve'] = [round(v, 5) for v in aux_losses]
-    if scene_losses:
-        info['scene_final_loss'] = float(np.mean(scene_losses[-20:]))
-        info['scene_loss_curve'] = [round(v, 5) for v in scene_losses]
-    if change_losses:
-        info['change_final_loss'] = float(np.mean(change_losses[-20:]))
-        info['change_loss_curve'] = [round(v, 5) for v in change_losses]
+            'final_loss': float(np.mean(curves['lm'][-20:])),
+            'loss_curve': [round(v, 5) for v in curves['lm']]}
+    for name, c in curves.items():  # probe_loss_curve, scene_loss_curve, ...
+        if name != 'lm':
+            info[f'{name}_final_loss'] = float(np.mean(c[-20:]))
+            info[f'{name}_loss_curve'] = [round(v, 5) for v in c]
     (out_dir / 'train.json').write_text(json.dumps(info, indent=1))
-    plot_loss(losses, out_dir / 'loss.png')
+    plot_loss(curves['lm'], out_dir / 'loss.png')
     return info
 
 
