@@ -44,8 +44,6 @@ def cmd_run(ns) -> int:
         overrides.append(f'model.path:={ns.model}')
     if ns.device:
         overrides.append(f'engine.device:={ns.device}')
-        if ns.device == 'cpu':
-            overrides.append('engine.dtype:=float32')
     from .ros.node import main
     return main(args=[sys.argv[0]] + _ros_args(ns.params_file, overrides) + ns.ros_args)
 
@@ -64,7 +62,6 @@ def cmd_ask(ns) -> int:
 def cmd_offline(ns) -> int:
     """Answer one question about a video file or images, no ROS (moss-model.md section 6.3)."""
     import cv2
-    import torch
 
     from .engine.config import EngineConfig, SamplingConfig
     from .engine.offline import offline_generate, read_video
@@ -72,10 +69,9 @@ def cmd_offline(ns) -> int:
 
     if bool(ns.video) == bool(ns.image):
         raise SystemExit('give exactly one of --video PATH or --image PATH [--image PATH ...]')
-    device = ns.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    runner = ModelRunner(EngineConfig(
-        model_path=ns.model or str(default_model_dir()), device=device,
-        dtype='float32' if device == 'cpu' else 'bfloat16', max_frames=ns.max_frames))
+    runner = ModelRunner(EngineConfig(  # device and dtype: 'auto' unless --device is given
+        model_path=ns.model or str(default_model_dir()), device=ns.device or 'auto',
+        max_frames=ns.max_frames))
     if ns.video:
         frames, _ = read_video(ns.video, ns.fps, min(8, ns.max_frames), ns.max_frames)
     else:
@@ -187,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser('run', help='start the assistant node (as assistant.launch.py does)')
     run.add_argument('--params-file', help='ROS parameters YAML (default config/assistant.yaml)')
     run.add_argument('--model', help='checkpoint directory (overrides model.path)')
-    run.add_argument('--device', help='cpu, cuda or cuda:N (overrides engine.device)')
+    run.add_argument('--device', help='auto, cpu, cuda or cuda:N (overrides engine.device)')
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser('demo', help='the embedded default: a toyworld episode answered by '
                           'the shipped toyworld model')
@@ -246,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument('--video', help='video file, sampled at --fps')
     off.add_argument('--image', action='append', help='image file (repeatable)')
     off.add_argument('--model', help='checkpoint directory (default: shipped tiny model)')
-    off.add_argument('--device', help='cpu, cuda or cuda:N (default: cuda when available)')
+    off.add_argument('--device', help='auto, cpu, cuda or cuda:N (default auto: cuda when '
+                     'available)')
     off.add_argument('--fps', type=float, default=1.0, help='frames sampled per video second')
     off.add_argument('--max-frames', type=int, default=256, help='at most this many frames')
     off.add_argument('--chunk', type=int, default=64, help='frames per vision forward')

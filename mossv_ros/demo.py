@@ -90,7 +90,6 @@ def run_demo(ns) -> int:
     bar = _LoadBar()
     node = AssistantNode(load_progress=bar, parameter_overrides=[
         Parameter('model.path', value=model), Parameter('engine.device', value='cpu'),
-        Parameter('engine.dtype', value='float32'),
         Parameter('sampling.max_new_tokens', value=48)])
     view = AnswerView('/mossv_assistant', name='mossv_demo_view')
     camera = rclpy.create_node('mossv_demo_camera')

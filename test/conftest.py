@@ -2,6 +2,7 @@
 import os
 from pathlib import Path
 import random
+import sys
 
 import pytest
 
@@ -11,6 +12,11 @@ SHARED = ROOT.parent / 'shared'
 # Keep this run's DDS traffic to itself (parallel runs, other machines' nodes).
 os.environ.setdefault('ROS_DOMAIN_ID', str(random.randint(1, 100)))
 os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+# What activating the venv sets (scripts/setup_env.sh): the ament index of the venv prefix,
+# where `ros2 launch` and launch_ros find the package, its share files and executables.
+if sys.prefix not in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep):
+    os.environ['AMENT_PREFIX_PATH'] = os.pathsep.join(
+        p for p in (sys.prefix, os.environ.get('AMENT_PREFIX_PATH', '')) if p)
 
 
 @pytest.fixture(scope='session')

@@ -4,13 +4,43 @@ Pure module (no torch, no rclpy). ROS parameters, the YAML file and the CLI are 
 build :class:`EngineConfig`; validation raises :class:`ValueError` naming the field, the value
 and the allowed range.
 """
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Tuple
 
-DTYPES = ('bfloat16', 'float16', 'float32')
+DTYPES = ('auto', 'bfloat16', 'float16', 'float32')
 ATTN_IMPLEMENTATIONS = ('auto', 'eager', 'sdpa', 'flash_attention_2')
 EVICTION_POLICIES = ('sink_window', 'fifo')
+
+
+#: EngineConfig fields that may change while the engine runs (:meth:`StreamingEngine.update_config`,
+#: the node's live parameters); every other field needs a new configure.
+LIVE_FIELDS = ('frame_rate_hz', 'max_prompt_chars', 'max_pending_questions',
+               'round_close_after_frames', 'sampling')
+
+
+def resolve_device_dtype(device: str, dtype: str, cuda_available: bool) -> Tuple[str, str, str]:
+    """The one rule for where and in what precision the model runs (node, CLI, launch, bench).
+
+    * ``device`` 'auto': CUDA when available, else the CPU; an explicit 'cuda' / 'cuda:N'
+      without CUDA falls back to the CPU with a note (the caller logs it as a warning);
+    * ``dtype`` 'auto': bfloat16 on CUDA (the checkpoint's dtype), float32 on the CPU (CPU
+      bfloat16 matmuls are slow and lose precision); an explicit dtype is always kept.
+
+    :param device: 'auto', 'cpu', 'cuda', 'cuda:N' (validated by :meth:`EngineConfig.validate`).
+    :param dtype: one of :data:`DTYPES`.
+    :param cuda_available: ``torch.cuda.is_available()`` (a parameter, so this stays pure).
+    :returns: (device, dtype, note): concrete names and '' or a sentence why the device changed.
+    """
+    note = ''
+    if device == 'auto':
+        device = 'cuda' if cuda_available else 'cpu'
+    elif device.startswith('cuda') and not cuda_available:
+        note = f'engine.device={device!r} but CUDA is not available: using cpu'
+        device = 'cpu'
+    if dtype == 'auto':
+        dtype = 'bfloat16' if device.startswith('cuda') else 'float32'
+    return device, dtype, note
 
 
 def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
@@ -48,8 +78,10 @@ class EngineConfig:
     """Everything the streaming engine needs; see ``config/assistant.yaml`` for the ROS names.
 
     :ivar model_path: local checkpoint directory ('' = no model; the node then reports UNLOADED).
-    :ivar dtype: weights/activations dtype, one of :data:`DTYPES`.
-    :ivar device: torch device string ('cpu', 'cuda', 'cuda:1').
+    :ivar dtype: weights/activations dtype, one of :data:`DTYPES` ('auto': see
+        :func:`resolve_device_dtype`).
+    :ivar device: 'auto' or a torch device string ('cpu', 'cuda', 'cuda:1'); resolved by
+        :func:`resolve_device_dtype` when the model loads.
     :ivar attn_implementation: text self-attention and vision tower kernel; 'auto' picks
         FlashAttention-2 when ``flash_attn`` is installed and CUDA is used, SDPA otherwise.
     :ivar cpu_threads: torch intra-op threads on the CPU (0 = half the cores, so the encoder
@@ -73,8 +105,8 @@ class EngineConfig:
     """
 
     model_path: str = ''
-    dtype: str = 'float32'
-    device: str = 'cpu'
+    dtype: str = 'auto'
+    device: str = 'auto'
     attn_implementation: str = 'auto'
     trust_remote_code: bool = False
     cpu_threads: int = 0
@@ -96,10 +128,10 @@ class EngineConfig:
         """Check every field; return self. :raises ValueError: on the first invalid field."""
         _check(self.dtype in DTYPES, 'engine.dtype', self.dtype, f'one of {DTYPES}')
         dev = self.device.split(':')[0]
-        _check(dev in ('cpu', 'cuda', 'mps', 'xpu'), 'engine.device', self.device,
-               "'cpu', 'cuda' or 'cuda:N'")
+        _check(dev in ('auto', 'cpu', 'cuda', 'mps', 'xpu'), 'engine.device', self.device,
+               "'auto', 'cpu', 'cuda' or 'cuda:N'")
         if ':' in self.device:
-            _check(self.device.split(':', 1)[1].isdigit(), 'engine.device', self.device,
+            _check(dev != 'auto' and self.device.split(':', 1)[1].isdigit(), 'engine.device', self.device,
                    "'cuda:N' with N an integer")
         _check(self.attn_implementation in ATTN_IMPLEMENTATIONS, 'engine.attn_implementation',
                self.attn_implementation, f'one of {ATTN_IMPLEMENTATIONS}')
@@ -145,6 +177,3 @@ class EngineConfig:
         if s_unknown:
             raise ValueError(f'unknown sampling config keys: {s_unknown}')
         return cls(sampling=SamplingConfig(**sampling), **values).validate()
-
-    def to_dict(self) -> dict:
-        return asdict(self)

@@ -12,6 +12,7 @@ Two threads share the model's read-only weights:
 Inputs are queued (frames, questions, reset, stop); outputs are events in :attr:`events`.
 """
 from collections import deque
+import dataclasses
 from dataclasses import dataclass, field
 import logging
 import queue
@@ -20,7 +21,7 @@ import time
 from typing import Callable, List, Optional
 
 from . import prompt as grammar
-from .config import EngineConfig
+from .config import EngineConfig, LIVE_FIELDS
 from .events import (
     AnswerEvent,
     END_ERROR,
@@ -88,6 +89,7 @@ class StreamingEngine:
         self.config = config.validate()
         self.runner = runner
         self._sampler = sampler
+        self._owns_sampler = sampler is None  # built from config.sampling (update_config)
         self.on_event = on_event
         self._load_progress = load_progress
         self.events: 'queue.Queue' = queue.Queue()
@@ -238,6 +240,26 @@ class StreamingEngine:
             self.stats_data.num_rounds_started += 1
             self._cv.notify_all()
         return True, round_id, f'accepted as round {round_id}'
+
+    def update_config(self, config: EngineConfig) -> None:
+        """Apply a new configuration while running; only :data:`~.config.LIVE_FIELDS` may
+        differ (sampling, prompt limits, round closing, frame rate). Takes effect at the next
+        frame, question or token.
+
+        :raises ValueError: an invalid config, or a change to a field that needs a new engine.
+        """
+        config.validate()
+        fixed = [f.name for f in dataclasses.fields(config) if f.name not in LIVE_FIELDS
+                 and getattr(config, f.name) != getattr(self.config, f.name)]
+        if fixed:
+            raise ValueError(f'cannot change {fixed} while the engine runs (new engine needed)')
+        with self._cv:
+            self.config = config
+            self._limiter.period_sec = 1.0 / config.frame_rate_hz
+            if self._owns_sampler and self.runner is not None:
+                from .sampling import Sampler
+                self._sampler = Sampler(config.sampling, self.runner.suppressed_ids(),
+                                        self.runner.vocab_size)
 
     def reset(self, reason: str = 'requested') -> None:
         """Clear vision cache and dialogue at the next token boundary; recovers from ERROR."""

@@ -3,6 +3,7 @@
 A :class:`Session` holds one stream's caches (text KV cache, vision cache) and its next text
 position; the runner's methods act on a session. No threads here (see :mod:`.engine`).
 """
+import dataclasses
 from dataclasses import dataclass
 import logging
 from pathlib import Path
@@ -20,7 +21,7 @@ from .checkpoint import (
     read_config,
     resolve_special_ids,
 )
-from .config import EngineConfig
+from .config import EngineConfig, resolve_device_dtype
 from .kv_cache import TextKVCache, VisionCache
 from .moss_video import MossVideoModel
 from .preprocess import to_pixel_values
@@ -96,10 +97,23 @@ def pick_attn_implementation(requested: str, device: str) -> str:
     return 'sdpa'
 
 
+def _resolved(config: EngineConfig) -> EngineConfig:
+    """A validated copy of ``config`` with a concrete device and dtype (the one rule:
+    :func:`~.config.resolve_device_dtype`); the fallback from CUDA is logged as a warning."""
+    config.validate()
+    device, dtype, note = resolve_device_dtype(config.device, config.dtype,
+                                               torch.cuda.is_available())
+    if note:
+        log.warning(note)
+    return dataclasses.replace(config, device=device, dtype=dtype)
+
+
 class ModelRunner:
     """Loads a checkpoint and runs the MOSS forward for sessions.
 
-    :param config: engine config; ``model_path`` must be a checkpoint directory.
+    :param config: engine config; ``model_path`` must be a checkpoint directory. The runner
+        keeps a copy in :attr:`config` with the device and dtype resolved ('auto' and the CUDA
+        fallback, :func:`~.config.resolve_device_dtype`).
     :param progress: optional ``progress(done, total)`` callback for weight loading.
     :raises CheckpointError: invalid checkpoint directory (clear message).
     :raises ValueError: invalid device or attention implementation.
@@ -107,12 +121,10 @@ class ModelRunner:
 
     def __init__(self, config: EngineConfig,
                  progress: Optional[Callable[[int, int], None]] = None) -> None:
-        config.validate()
+        config = _resolved(config)
         path = Path(config.model_path)
         if not config.model_path or not path.is_dir():
             raise CheckpointError(f'model.path {config.model_path!r} is not a directory')
-        if config.device.startswith('cuda') and not torch.cuda.is_available():
-            raise ValueError(f'engine.device={config.device!r} but CUDA is not available')
         if config.trust_remote_code:
             log.warning('trust_remote_code is on: the tokenizer may execute code from %s',
                         path)
@@ -137,7 +149,7 @@ class ModelRunner:
         (speed does not depend on weight values). No checkpoint directory is read."""
         from transformers.models.mllama.modeling_mllama import MllamaRotaryEmbedding
 
-        config.validate()
+        config = _resolved(config)
         text = hf_model.model.language_model
         text.rotary_emb = MllamaRotaryEmbedding(text.config).to(config.device)  # float32 table
         self = cls.__new__(cls)

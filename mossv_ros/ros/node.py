@@ -3,13 +3,16 @@
 Thin: callbacks only convert and enqueue; the engine decides. Engine events cross into the
 executor once, through a guard condition (ros2/examples ``trigger_guard_condition.py``).
 """
+import contextlib
 import functools
+import logging
 import math
 import queue
 import threading
 import time
 from typing import Callable, List, Optional
 
+from rcl_interfaces.msg import SetParametersResult
 import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType
@@ -23,7 +26,31 @@ from ..engine.config import EngineConfig
 from ..engine.engine import StreamingEngine
 from . import convert
 from .executor import MultiThreadedExecutor
-from .params import engine_config_from_params, engine_defaults, NODE_DEFAULTS
+from .params import (
+    engine_config_from_params,
+    engine_defaults,
+    is_live,
+    LIVE_NODE_PARAMS,
+    NODE_DEFAULTS,
+    validate_node_params,
+)
+
+
+@contextlib.contextmanager
+def _warnings_to(ros_logger):
+    """Forward the engine's Python-logging warnings (``mossv_ros.engine.*``) to the node's
+    ROS logger while the block runs, so they appear in ``ros2 launch`` output and /rosout."""
+    class _Forward(logging.Handler):
+        def emit(self, record):
+            ros_logger.warning(record.getMessage())
+
+    handler = _Forward(level=logging.WARNING)
+    engine_log = logging.getLogger('mossv_ros.engine')
+    engine_log.addHandler(handler)
+    try:
+        yield
+    finally:
+        engine_log.removeHandler(handler)
 
 
 def _logged_transition(method):
@@ -51,8 +78,13 @@ class AssistantNode(LifecycleNode):
         """:param load_progress: ``progress(done_files, total_files)`` while weights load."""
         super().__init__(node_name, **kwargs)
         self._load_progress = load_progress
+        self._param_names = tuple({**engine_defaults(), **NODE_DEFAULTS})
         for name, value in {**engine_defaults(), **NODE_DEFAULTS}.items():
             self.declare_parameter(name, value)
+        # `ros2 param set`: validated first (a bad value is refused with the reason), then
+        # the live ones are applied at once (params.is_live); the others wait for configure.
+        self.add_on_set_parameters_callback(self._check_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
         self.engine: Optional[StreamingEngine] = None
         self.engine_config: Optional[EngineConfig] = None
         self._io: List = []
@@ -82,33 +114,24 @@ class AssistantNode(LifecycleNode):
     @_logged_transition
     def on_configure(self, state) -> TransitionCallbackReturn:
         from mossv_ros.msg import Answer, Silence, Status, Token
-        values = {name: self.get_parameter(name).value for name in engine_defaults()}
+        values = self._param_values()
         try:
             config = engine_config_from_params(values)
+            validate_node_params(values)
         except ValueError as exc:
             self.get_logger().error(f'invalid parameters: {exc}')
             return TransitionCallbackReturn.FAILURE
-        if config.device.startswith('cuda'):
-            import torch
-            if not torch.cuda.is_available():
-                self.get_logger().warning('engine.device is cuda but CUDA is not available: '
-                                          'using cpu and float32')
-                config.device, config.dtype = 'cpu', 'float32'
         self.engine_config = config
-        self._pubs = {
-            'tokens': self.create_publisher(Token, '~/tokens', 100),
-            'silence': self.create_publisher(Silence, '~/silence', 100),
-            'answer': self.create_publisher(Answer, '~/answer', 100),
-            'status': self.create_publisher(Status, '~/status', 10),
-        }
-        self._guard = self.create_guard_condition(self._drain_events,
-                                                  callback_group=self._events_cb)
-        period = float(self.get_parameter('status.period_sec').value)
-        # Status runs on the steady clock: with use_sim_time and no /clock yet (a bag not
-        # playing) a ROS-time timer would never fire and the node would look dead.
-        self._status_timer = self.create_timer(period, self._publish_status,
-                                               callback_group=self._events_cb,
-                                               clock=Clock(clock_type=ClockType.STEADY_TIME))
+        if not self._pubs:  # created once: a second configure must not add another set
+            self._pubs = {
+                'tokens': self.create_publisher(Token, '~/tokens', 100),
+                'silence': self.create_publisher(Silence, '~/silence', 100),
+                'answer': self.create_publisher(Answer, '~/answer', 100),
+                'status': self.create_publisher(Status, '~/status', 10),
+            }
+            self._guard = self.create_guard_condition(self._drain_events,
+                                                      callback_group=self._events_cb)
+        self._start_status_timer()
         if self.engine is not None and self.engine.config == config:
             # re-configure after an engine failure: same model, fresh session, no reload
             self.engine.reset('reconfigured')
@@ -124,12 +147,13 @@ class AssistantNode(LifecycleNode):
             return TransitionCallbackReturn.SUCCESS
         from ..engine.checkpoint import CheckpointError
         from ..engine.runner import ModelRunner
-        self.get_logger().info(f'loading {config.model_path} ({config.dtype} on '
-                               f'{config.device})')
+        self.get_logger().info(f'loading {config.model_path} (engine.device {config.device}, '
+                               f'engine.dtype {config.dtype})')
         t0 = time.monotonic()
         self._loading = True
         try:
-            runner = ModelRunner(config, self._load_progress)
+            with _warnings_to(self.get_logger()):  # e.g. the fallback from CUDA to the CPU
+                runner = ModelRunner(config, self._load_progress)
         except (CheckpointError, ValueError, OSError) as exc:
             self.get_logger().error(f'cannot load model: {exc}')
             return TransitionCallbackReturn.FAILURE
@@ -141,17 +165,65 @@ class AssistantNode(LifecycleNode):
             self.get_logger().error(f'engine failed to start: {self.engine.stats().last_error}')
             return TransitionCallbackReturn.FAILURE
         self.get_logger().info(f'model ready in {time.monotonic() - t0:.1f} s '
-                               f'(attention: {runner.attn_implementation})')
+                               f'({runner.config.dtype} on {runner.config.device}, '
+                               f'attention: {runner.attn_implementation})')
         return TransitionCallbackReturn.SUCCESS
 
+    def _start_status_timer(self) -> None:
+        """(Re)start the Status timer at ``status.period_sec``. It runs on the steady clock:
+        with use_sim_time and no /clock yet (a bag not playing) a ROS-time timer would never
+        fire and the node would look dead."""
+        if self._status_timer is not None:
+            self.destroy_timer(self._status_timer)
+        period = float(self.get_parameter('status.period_sec').value)
+        self._status_timer = self.create_timer(period, self._publish_status,
+                                               callback_group=self._events_cb,
+                                               clock=Clock(clock_type=ClockType.STEADY_TIME))
+
+    # ------------------------------------------------------------------ parameters
+    def _param_values(self) -> dict:
+        return {name: self.get_parameter(name).value for name in self._param_names}
+
+    def _check_parameters(self, params) -> SetParametersResult:
+        """Refuse an invalid value (the validation message is the reason) and, while the
+        node is configured, a parameter that only a new configure can apply."""
+        ours = {p.name: p.value for p in params if p.name in self._param_names}
+        if not ours:
+            return SetParametersResult(successful=True)
+        state = self._lifecycle_state()
+        fixed = sorted(name for name in ours if not is_live(name))
+        if fixed and (state != 'unconfigured' or self._loading):
+            return SetParametersResult(successful=False, reason=(
+                f'{", ".join(fixed)} cannot change while the node is {state}: deactivate and '
+                'clean up the node (ros2 lifecycle set), set it, then configure again. Live '
+                'parameters: sampling.*, prompt.*, round.*, frames.rate_hz, status.period_sec'))
+        values = {**self._param_values(), **ours}
+        try:
+            engine_config_from_params(values)
+            validate_node_params(values)
+        except (ValueError, TypeError) as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        return SetParametersResult(successful=True)
+
+    def _apply_parameters(self, params) -> None:
+        """Apply accepted live parameters at once (Status period, engine sampling, prompt,
+        round and frame-rate settings); the rest are read at the next configure."""
+        names = {p.name for p in params if p.name in self._param_names}
+        if not names or self._lifecycle_state() == 'unconfigured':
+            return
+        if 'status.period_sec' in names and self._status_timer is not None:
+            self._start_status_timer()
+        if self.engine is not None and names - set(LIVE_NODE_PARAMS):
+            config = engine_config_from_params(self._param_values())
+            self.engine.update_config(config)
+            self.engine_config = config
+        self.get_logger().info('parameters applied: ' + ', '.join(sorted(names)))
+
+    # ------------------------------------------------------------------ lifecycle (cont.)
     @_logged_transition
     def on_activate(self, state) -> TransitionCallbackReturn:
         from mossv_ros.msg import Question
         reliability = str(self.get_parameter('qos.image_reliability').value)
-        if reliability not in ('best_effort', 'reliable'):
-            self.get_logger().error(f'qos.image_reliability={reliability!r}: expected '
-                                    'best_effort or reliable')
-            return TransitionCallbackReturn.FAILURE
         if self.engine is not None and self.engine.state == 'error':
             # a lifecycle cycle (deactivate -> activate) recovers from an engine error
             self.get_logger().warning('engine was in ERROR: restarting it with a fresh session')

@@ -3,10 +3,11 @@
 The node declares every parameter of ``config/assistant.yaml`` with the engine's defaults;
 this module maps the dotted ROS names onto engine fields.
 """
+import math
 from pathlib import Path
 import sys
 
-from ..engine.config import EngineConfig, SamplingConfig
+from ..engine.config import EngineConfig, LIVE_FIELDS, SamplingConfig
 
 #: dotted ROS parameter name -> EngineConfig field (``sampling.*`` -> SamplingConfig field).
 PARAM_TO_FIELD = {
@@ -41,12 +42,40 @@ NODE_DEFAULTS = {
 }
 
 
+#: Node parameters applied while the node runs; all others need a new configure.
+LIVE_NODE_PARAMS = ('status.period_sec',)
+RELIABILITIES = ('best_effort', 'reliable')
+
+
+def is_live(name: str) -> bool:
+    """True if parameter ``name`` may change while the node is configured (applied at once:
+    ``EngineConfig`` fields in :data:`~mossv_ros.engine.config.LIVE_FIELDS`, i.e.
+    ``sampling.*``, ``prompt.*``, ``round.*``, ``frames.rate_hz``, and ``status.period_sec``)."""
+    if name.startswith('sampling.'):
+        return 'sampling' in LIVE_FIELDS
+    return name in LIVE_NODE_PARAMS or PARAM_TO_FIELD.get(name) in LIVE_FIELDS
+
+
+def validate_node_params(values: dict) -> None:
+    """Check the node-only parameters (:data:`NODE_DEFAULTS`) in dotted ``values``.
+
+    :raises ValueError: naming the parameter, the value and the allowed range.
+    """
+    period = values.get('status.period_sec', NODE_DEFAULTS['status.period_sec'])
+    if not (isinstance(period, (int, float)) and math.isfinite(period)
+            and 0.01 <= period <= 3600.0):
+        raise ValueError(f'status.period_sec={period!r} is invalid: expected a float in '
+                         '[0.01, 3600] (seconds)')
+    rel = values.get('qos.image_reliability', NODE_DEFAULTS['qos.image_reliability'])
+    if rel not in RELIABILITIES:
+        raise ValueError(f'qos.image_reliability={rel!r} is invalid: expected one of '
+                         f'{RELIABILITIES}')
+
+
 def engine_defaults() -> dict:
     """Dotted parameter name -> default value, from the EngineConfig dataclass."""
     base, sampling = EngineConfig(), SamplingConfig()
     out = {name: getattr(base, field) for name, field in PARAM_TO_FIELD.items()}
-    out['engine.dtype'] = 'bfloat16'
-    out['engine.device'] = 'cuda'
     out.update({f'sampling.{k}': getattr(sampling, k) for k in SAMPLING_PARAMS})
     return out
 
@@ -60,23 +89,6 @@ def engine_config_from_params(values: dict) -> EngineConfig:
     fields['sampling'] = {k: values[f'sampling.{k}'] for k in SAMPLING_PARAMS
                           if f'sampling.{k}' in values}
     return EngineConfig.from_dict(fields)
-
-
-def flatten_ros_yaml(data: dict) -> dict:
-    """``{'/**': {'ros__parameters': {...nested...}}}`` -> {dotted name: value}."""
-    out = {}
-    for section in data.values():
-        params = (section or {}).get('ros__parameters', {})
-
-        def walk(prefix, node):
-            for key, value in node.items():
-                name = f'{prefix}.{key}' if prefix else key
-                if isinstance(value, dict):
-                    walk(name, value)
-                else:
-                    out[name] = value
-        walk('', params)
-    return out
 
 
 def default_params_file() -> Path:

@@ -1,0 +1,132 @@
+"""Helpers for the tests that run the real ROS 2 tools: ``ros2 launch``, the ``ros2`` CLI,
+launch_pytest and colcon (installed from ../shared/ros2 by scripts/setup_env.sh).
+
+Every wait is bounded; every process started here is stopped by the test that started it.
+"""
+import os
+from pathlib import Path
+import signal
+import subprocess
+import sys
+import time
+from typing import Optional
+
+BIN = Path(sys.executable).parent
+PREFIX = Path(sys.prefix)
+
+
+def missing_ros2_tools(prefix: Optional[Path] = None) -> str:
+    """Why the launch / CLI tests cannot run here ('' if they can).
+
+    Checks the launch packages and the ``ros2`` command import, and that the package's
+    executable is installed where ``launch_ros`` and ``ros2 run`` look for it
+    (``<prefix>/lib/mossv_ros/assistant_node``, prefix from the ament index): without it
+    ``ros2 launch`` fails and a launch test would wait for a node that never starts.
+    """
+    import importlib.util
+    for module in ('launch_pytest', 'launch_ros', 'ros2cli', 'ros2launch',
+                   'composition_interfaces'):
+        if importlib.util.find_spec(module) is None:
+            return (f'{module} is not installed (the ROS 2 launch system and ros2 CLI come '
+                    'from ../shared/ros2: scripts/setup_env.sh installs them when it exists)')
+    if not (BIN / 'ros2').is_file():
+        return f'no ros2 command in {BIN}'
+    prefix = prefix or PREFIX
+    index = prefix / 'share' / 'ament_index' / 'resource_index' / 'packages' / 'mossv_ros'
+    if not index.is_file():
+        return f'mossv_ros is not in the ament index of {prefix} (run scripts/setup_env.sh)'
+    exe = prefix / 'lib' / 'mossv_ros' / 'assistant_node'
+    if not os.access(exe, os.X_OK):
+        return f'{exe} is not installed (ros2 launch / ros2 run would not find the node)'
+    return ''
+
+
+def ros2_env(**extra) -> dict:
+    """The environment a user's shell has after activating the venv: the venv's ament
+    prefix, unbuffered Python output; ROS_DOMAIN_ID and the discovery range come from
+    conftest (this run's DDS traffic stays to itself)."""
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    env['AMENT_PREFIX_PATH'] = os.pathsep.join(
+        p for p in [str(PREFIX), env.get('AMENT_PREFIX_PATH', '')] if p)
+    env['PATH'] = os.pathsep.join([str(BIN), env.get('PATH', '')])
+    env.update(extra)
+    return env
+
+
+def ros2(*args, timeout: float = 60.0, env: Optional[dict] = None,
+         check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``ros2 ARGS`` to completion (stdout and stderr together in ``.stdout``)."""
+    proc = subprocess.run([str(BIN / 'ros2'), *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout,
+                          env=env or ros2_env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f'ros2 {" ".join(args)} exited {proc.returncode}:\n{proc.stdout}')
+    return proc
+
+
+def ros2_retry(*args, until, timeout: float = 60.0, env: Optional[dict] = None) -> str:
+    """Run ``ros2 ARGS`` until ``until(output)`` holds (discovery takes a few seconds)."""
+    end = time.monotonic() + timeout
+    out = ''
+    while time.monotonic() < end:
+        proc = ros2(*args, timeout=max(5.0, end - time.monotonic()), env=env, check=False)
+        out = proc.stdout
+        if proc.returncode == 0 and until(out):
+            return out
+        time.sleep(0.5)
+    raise AssertionError(f'ros2 {" ".join(args)} never gave the expected output:\n{out}')
+
+
+def start(cmd, env: Optional[dict] = None, log: Optional[Path] = None) -> subprocess.Popen:
+    """Start a long-running command in its own session, output into ``log``."""
+    out = open(log, 'w') if log else subprocess.DEVNULL
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True,
+                            env=env or ros2_env(), start_new_session=True)
+
+
+def interrupt(proc: subprocess.Popen, timeout: float) -> tuple:
+    """SIGINT like Ctrl-C; :returns: (exit code or None if still running, seconds)."""
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None, time.monotonic() - t0
+    return proc.returncode, time.monotonic() - t0
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Last resort in a test's cleanup: kill the whole process group."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+
+
+def processes_mentioning(text: str) -> list:
+    """Live processes whose command line contains ``text`` (psutil)."""
+    import psutil
+    found = []
+    for p in psutil.process_iter(['pid', 'cmdline']):
+        try:
+            if any(text in part for part in (p.info['cmdline'] or [])):
+                found.append((p.info['pid'], ' '.join(p.info['cmdline'])))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def wait_log(log: Path, text: str, timeout: float, proc=None) -> str:
+    """Wait until ``text`` appears in the log file; :returns: the log."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        content = log.read_text() if log.exists() else ''
+        if text in content:
+            return content
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    content = log.read_text() if log.exists() else ''
+    raise AssertionError(f'{text!r} not in the output within {timeout} s:\n{content[-4000:]}')
