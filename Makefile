@@ -3,7 +3,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench lint clean toyworld toyworld-eval
+.PHONY: setup demo test test-jazzy bench lint clean toyworld toyworld-eval
+# The ROS tests run again on the Jazzy wheels (rclpy 7.x): node, executor, faults, bags,
+# toyworld through ROS, launch, ros2 CLI, colcon.
+JAZZY_TESTS = test/test_ros.py test/test_executor.py test/test_faults.py test/test_bag_e2e.py \
+	test/test_toyworld_ros.py test/test_launch.py test/test_ros2_cli.py test/test_colcon.py
 
 setup:
 	@bash scripts/setup_env.sh
@@ -13,6 +17,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# The same ROS tests on ROS 2 Jazzy (a second venv, .venv-jazzy); CI runs it after `make test`.
+test-jazzy:
+	@MOSSV_ROS_DISTRO=jazzy bash scripts/setup_env.sh
+	.venv-jazzy/bin/python -m pytest $(JAZZY_TESTS)
 
 bench: setup
 	$(PY) bench/run_cpu.py

@@ -8,7 +8,9 @@ publisher of the recorded type at the recorded timing (scaled by ``rate``), like
 """
 from dataclasses import dataclass
 import importlib
+import math
 from pathlib import Path
+import shutil
 import threading
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -41,7 +43,7 @@ def parse_question(spec: str) -> Tuple[float, str]:
         t = float(sec)
     except ValueError:
         t = -1.0
-    if not sep or t < 0 or not text.strip():
+    if not sep or not math.isfinite(t) or t < 0 or not text.strip():
         raise ValueError(f'question {spec!r} is not SEC:TEXT (e.g. 4.5:What is on the table?)')
     return t, text
 
@@ -98,7 +100,7 @@ def _video_frames(video: str, fps: Optional[float], width: Optional[int]):
 
 
 def from_video(video: str, out_bag: str, questions: Sequence[Tuple[float, str]] = (),
-               storage: str = 'sqlite3', compressed: bool = False,
+               storage: str = 'mcap', compressed: bool = False,
                image_topic: str = DEFAULT_IMAGE_TOPIC,
                question_topic: str = DEFAULT_QUESTION_TOPIC, frame_id: str = 'camera',
                fps: Optional[float] = None, width: Optional[int] = None,
@@ -113,19 +115,34 @@ def from_video(video: str, out_bag: str, questions: Sequence[Tuple[float, str]] 
     :param width: resize frames to this width (aspect kept).
     :param start_ns: stamp of the first frame, ns since the epoch (default: now).
     :returns: a :class:`BagSummary`.
-    :raises ValueError: unreadable video, an unknown storage, or an empty video.
-    :raises rosbags.rosbag2.WriterError: ``out_bag`` exists already.
+    :raises ValueError: a missing, unreadable or empty video, an unknown storage, a bad
+        ``fps`` or ``width``, or an ``out_bag`` that exists already (nothing is left behind
+        on failure).
     """
-    summary = from_frames(_video_frames(video, fps, width), out_bag, questions, storage,
-                          compressed, image_topic, question_topic, frame_id, start_ns,
-                          progress)
-    if summary.counts[image_topic] == 0:
-        raise ValueError(f'video {video} has no frames')
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f'fps={fps!r} is invalid: expected a number > 0')
+    if width is not None and not 8 <= width <= 8192:
+        raise ValueError(f'width={width!r} is invalid: expected pixels in [8, 8192]')
+    if not Path(video).is_file():
+        raise ValueError(f'video {video} does not exist')
+    if Path(out_bag).exists():
+        raise ValueError(f'{out_bag} exists already: choose a new folder (rosbag2 never '
+                         'overwrites)')
+    try:
+        summary = from_frames(_video_frames(video, fps, width), out_bag, questions, storage,
+                              compressed, image_topic, question_topic, frame_id, start_ns,
+                              progress)
+        if summary.counts[image_topic] == 0:
+            raise ValueError(f'video {video} has no frames')
+    except BaseException:
+        # a half-written bag (no metadata.yaml) would block the rerun: it was ours, remove it
+        shutil.rmtree(out_bag, ignore_errors=True)
+        raise
     return summary
 
 
 def from_frames(frames: Iterable[Tuple[float, np.ndarray]], out_bag: str,
-                questions: Sequence[Tuple[float, str]] = (), storage: str = 'sqlite3',
+                questions: Sequence[Tuple[float, str]] = (), storage: str = 'mcap',
                 compressed: bool = False, image_topic: str = DEFAULT_IMAGE_TOPIC,
                 question_topic: str = DEFAULT_QUESTION_TOPIC, frame_id: str = 'camera',
                 start_ns: Optional[int] = None,

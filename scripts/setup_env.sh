@@ -36,7 +36,12 @@ REQ="$ROOT/requirements/dev.txt"
 CONSTRAINTS="$ROOT/requirements/constraints.txt"
 if [ "$DISTRO" = jazzy ]; then
   REQ="$BUILD/requirements.txt"
-  sed -E 's/^ros-/ros-jazzy-/' "$ROOT/requirements/dev.txt" > "$REQ"
+  # (ament_cmake_ros_core is Kilted's split of Jazzy's ament_cmake_ros, which also needs the
+  # gtest/gmock/pytest CMake modules at configure time)
+  sed -E 's/^ros-/ros-jazzy-/; s/^ros-jazzy-ament-cmake-ros-core/ros-jazzy-ament-cmake-ros/' \
+    "$ROOT/requirements/dev.txt" > "$REQ"
+  printf '%s\n' ros-jazzy-ament-cmake-gmock ros-jazzy-ament-cmake-gtest \
+    ros-jazzy-ament-cmake-pytest >> "$REQ"
   CONSTRAINTS="$BUILD/constraints.txt"
   grep -vE '^(ros-|rclpy|rcl_|rcutils|rmw|rosidl|builtin_|std_|sensor_|geometry_|lifecycle_|action_|service_|type_description|unique_identifier|rosgraph|ament_)' \
     "$ROOT/requirements/constraints.txt" > "$CONSTRAINTS"
@@ -61,7 +66,7 @@ if [ "$(cat "$VENV/.mossv-requirements" 2>/dev/null)" != "$req_hash" ]; then
     log "installing the ROS 2 launch system, ros2 CLI and colcon from $TOOLS (tests only)"
     quiet_pip install -q --no-deps "$TOOLS"/wheels/*.whl
     quiet_pip install -q -r "$ROOT/requirements/ros2-tools.txt" -c "$CONSTRAINTS"
-    "$PY" -c 'import launch_ros, ros2cli, colcon_core' || { log "ROS 2 tools install failed"; exit 1; }
+    "$PY" -c 'import launch, ros2cli, colcon_core' || { log "ROS 2 tools install failed"; exit 1; }
   fi
   echo "$req_hash" > "$VENV/.mossv-requirements"
 fi
@@ -83,6 +88,7 @@ if [ "$with_tools" = 1 ] && [ -d "$TOOLS/src/composition_interfaces" ]; then
   # launch_ros imports composition_interfaces at module level; it is an interface package.
   "$PY" -c 'import composition_interfaces.srv' 2>/dev/null \
     || cmake_package composition_interfaces "$TOOLS/src/composition_interfaces"
+  "$PY" -c 'import launch_ros' || { log "launch_ros does not import"; exit 1; }
 fi
 log "building interfaces (msg/, srv/) and the executables"
 cmake_package mossv_ros "$ROOT" -DMOSSV_ROS_INSTALL_PYTHON_SOURCES=OFF

@@ -78,16 +78,20 @@ def ros2_retry(*args, until, timeout: float = 60.0, env: Optional[dict] = None) 
 
 
 def start(cmd, env: Optional[dict] = None, log: Optional[Path] = None) -> subprocess.Popen:
-    """Start a long-running command in its own session, output into ``log``."""
+    """Start a long-running command in its own session, output into ``log``, in the log's
+    folder (not the checkout, whose ``mossv_ros/`` any ``python3`` would import)."""
     out = open(log, 'w') if log else subprocess.DEVNULL
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True,
-                            env=env or ros2_env(), start_new_session=True)
+                            env=env or ros2_env(), start_new_session=True,
+                            cwd=log.parent if log else '/')
 
 
 def interrupt(proc: subprocess.Popen, timeout: float) -> tuple:
-    """SIGINT like Ctrl-C; :returns: (exit code or None if still running, seconds)."""
+    """SIGINT to the process group, as Ctrl-C in a terminal does (``ros2 run`` relies on it:
+    it does not forward the signal); :returns: (exit code or None if still running, seconds).
+    """
     t0 = time.monotonic()
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:

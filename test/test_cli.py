@@ -96,8 +96,9 @@ def test_offline_cli_on_images(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.skipif(not shared_videos(), reason='../shared/data/videos not present')
-@pytest.mark.parametrize('storage,compressed', [('sqlite3', False), ('mcap', True)])
+@pytest.mark.parametrize('storage,compressed', [('sqlite3', False), (None, True)])
 def test_bag_from_video_then_play_round_trips(ros_context, tmp_path, storage, compressed):
+    """storage None: no --storage, which must write MCAP (the rosbag2 default since Iron)."""
     from rosbags.rosbag2 import Reader
     from sensor_msgs.msg import CompressedImage, Image
 
@@ -105,15 +106,16 @@ def test_bag_from_video_then_play_round_trips(ros_context, tmp_path, storage, co
     from mossv_ros.msg import Question
 
     bag = tmp_path / 'bag'
-    args = ['bag', 'from-video', str(shared_videos()[0]), str(bag), '--storage', storage,
-            '--fps', '4', '--width', '160', '--question', '1.0:first?',
+    args = ['bag', 'from-video', str(shared_videos()[0]), str(bag)]
+    args += ['--storage', storage] if storage else []
+    args += ['--fps', '4', '--width', '160', '--question', '1.0:first?',
             '--question', '2.5:second?']
     res = mossv_ros(*args + (['--compressed'] if compressed else []))
     assert res.returncode == 0, res.stderr
     store = typestore()
     recorded = {}
     meta = yaml.safe_load((bag / 'metadata.yaml').read_text())['rosbag2_bagfile_information']
-    assert meta['storage_identifier'] == storage and meta['version'] == 8
+    assert meta['storage_identifier'] == (storage or 'mcap') and meta['version'] == 8
     with Reader(bag) as reader:
         for conn, ns, raw in reader.messages():
             msg = store.deserialize_cdr(raw, conn.msgtype)

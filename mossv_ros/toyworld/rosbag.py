@@ -27,7 +27,7 @@ def episode_starts(episodes: Sequence[Episode]) -> List[float]:
     return starts
 
 
-def write_episodes_bag(episodes: Sequence[Episode], out_bag: str, storage: str = 'sqlite3',
+def write_episodes_bag(episodes: Sequence[Episode], out_bag: str, storage: str = 'mcap',
                        image_topic: str = '/image',
                        question_topic: str = '/mossv_assistant/question') -> BagSummary:
     """Write the episodes' frames (bgr8 Image) and questions to a new bag."""
