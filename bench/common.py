@@ -94,12 +94,6 @@ def verdict(ok: bool) -> str:
     return 'PASS' if ok else 'MISS'
 
 
-def question_ids(runner, question: str):
-    """Token ids that insert ``question`` mid-stream (moss-model.md section 7.4 step 5)."""
-    from mossv_ros.engine import prompt as grammar
-    return runner.tokenize(grammar.question_text(question))
-
-
 def drain(engine):
     """Take every queued engine event."""
     out = []

@@ -19,7 +19,6 @@ from common import (  # bench/ is on sys.path when run as a script
     drain,
     machine,
     median,
-    question_ids,
     speaking_engine,
     verdict,
     write_json,
@@ -105,7 +104,7 @@ def bench_runner(runner, frames, device):
         encoded = runner.encode_frames([img])[0]
         encoded.frame_index = i
         runner.feed(session, [s.silence, s.image], [(1, encoded)])
-    q_ids = question_ids(runner, QUESTION)
+    q_ids = runner.question_ids(QUESTION)
     sampler = Sampler(SamplingConfig(), runner.suppressed_ids(), runner.vocab_size)
     saved = (session.kv_cache.length, session.next_pos)
     ttft = []

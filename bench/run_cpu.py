@@ -18,7 +18,6 @@ from common import (  # bench/ is on sys.path when run as a script
     machine,
     median,
     percentile,
-    question_ids,
     question_prefill_flops,
     RESULTS,
     rss_bytes,
@@ -59,7 +58,7 @@ def bench_ttft(runner, sizes, repeats, offline_repeats):
     (encode all frames after the question + prefill + first sample)."""
     images = scene_images(max(sizes))
     sampler = Sampler(SamplingConfig(temperature=0.0), runner.suppressed_ids(), runner.vocab_size)
-    q_ids = question_ids(runner, QUESTION)
+    q_ids = runner.question_ids(QUESTION)
     encoded = []
     for i in range(0, len(images), 32):
         encoded += runner.encode_frames(images[i:i + 32])

@@ -68,7 +68,7 @@ def cmd_offline(ns) -> int:
     from .engine.runner import ModelRunner
 
     if bool(ns.video) == bool(ns.image):
-        raise SystemExit('give exactly one of --video PATH or --image PATH [--image PATH ...]')
+        raise ValueError('give exactly one of --video PATH or --image PATH [--image PATH ...]')
     runner = ModelRunner(EngineConfig(  # device and dtype: 'auto' unless --device is given
         model_path=ns.model or str(default_model_dir()), device=ns.device or 'auto',
         max_frames=ns.max_frames))
@@ -79,14 +79,11 @@ def cmd_offline(ns) -> int:
         for path in ns.image:
             bgr = cv2.imread(path, cv2.IMREAD_COLOR)
             if bgr is None:
-                raise SystemExit(f'cannot read image {path}')
+                raise ValueError(f'cannot read image {path}')
             frames.append(bgr[:, :, ::-1].copy())
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=ns.max_new_tokens)
-    try:
-        res = offline_generate(runner, ns.question, frames, sampling, ns.chunk,
-                               on_token=lambda t: print(t, end='', flush=True))
-    except ValueError as exc:
-        raise SystemExit(f'error: {exc}') from None
+    res = offline_generate(runner, ns.question, frames, sampling, ns.chunk,
+                           on_token=lambda t: print(t, end='', flush=True))
     print(f'\n--- {res.num_frames} frames, encode {res.encode_s:.2f} s, '
           f'TTFT {res.ttft_s:.2f} s, {len(res.token_ids)} tokens, stop: {res.stop_reason}')
     return 0
@@ -96,10 +93,7 @@ def cmd_bag_from_video(ns) -> int:
     from tqdm import tqdm
 
     from .bag import from_video, parse_question
-    try:
-        questions = [parse_question(q) for q in ns.question]
-    except ValueError as exc:
-        raise SystemExit(f'error: {exc}') from None
+    questions = [parse_question(q) for q in ns.question]
     with tqdm(desc=f'writing {ns.out_bag}', unit='frame') as bar:
         summary = from_video(ns.video, ns.out_bag, questions, storage=ns.storage,
                              compressed=ns.compressed, image_topic=ns.image_topic,
@@ -116,15 +110,16 @@ def cmd_bag_play(ns) -> int:
     import rclpy
 
     from .bag import parse_remaps, play
-    try:
-        remap = parse_remaps(ns.remap)
-    except ValueError as exc:
-        raise SystemExit(f'error: {exc}') from None
-    rclpy.init(args=['mossv-ros'] + ns.ros_args)
+    remap = parse_remaps(ns.remap)
+    from rclpy.signals import SignalHandlerOptions
+    # No rclpy signal handler: Ctrl-C must raise KeyboardInterrupt here, not shut the
+    # context down under a publish (which raised RCLError with a traceback, exit 1).
+    rclpy.init(args=['mossv-ros'] + ns.ros_args, signal_handler_options=SignalHandlerOptions.NO)
     try:
         result = play(ns.bag, rate=ns.rate, clock=ns.clock, remap=remap, delay=ns.delay,
                       wait_for_subscribers=ns.wait_for_subscribers)
     except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
         return 130
     finally:
         rclpy.try_shutdown()
@@ -177,6 +172,19 @@ def cmd_toyworld_bag(ns) -> int:
     return 0
 
 
+def _positive(kind):
+    """argparse type: a finite number > 0 of ``kind`` (int or float)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+        if not (value > 0 and value < float('inf')):
+            raise argparse.ArgumentTypeError(f'{text!r} must be > 0')
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='mossv-ros', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -217,18 +225,21 @@ def build_parser() -> argparse.ArgumentParser:
     fv.add_argument('out_bag')
     fv.add_argument('--question', action='append', default=[], metavar='SEC:TEXT',
                     help='a Question at SEC seconds into the clip (repeatable)')
-    fv.add_argument('--storage', choices=['sqlite3', 'mcap'], default='sqlite3')
+    fv.add_argument('--storage', choices=['mcap', 'sqlite3'], default='mcap',
+                    help='rosbag2 storage (mcap: the default since Iron)')
     fv.add_argument('--compressed', action='store_true',
                     help='sensor_msgs/CompressedImage (JPEG) instead of Image (bgr8)')
     fv.add_argument('--image-topic', default='/image')
     fv.add_argument('--question-topic', default='/mossv_assistant/question')
     fv.add_argument('--frame-id', default='camera')
-    fv.add_argument('--fps', type=float, help='keep at most this many frames per second')
-    fv.add_argument('--width', type=int, help='resize frames to this width (aspect kept)')
+    fv.add_argument('--fps', type=_positive(float),
+                    help='keep at most this many frames per second')
+    fv.add_argument('--width', type=_positive(int),
+                    help='resize frames to this width (aspect kept)')
     fv.set_defaults(func=cmd_bag_from_video)
     pl = bag_sub.add_parser('play', help='replay a rosbag2 (like ros2 bag play)')
     pl.add_argument('bag')
-    pl.add_argument('--rate', type=float, default=1.0, help='playback speed factor')
+    pl.add_argument('--rate', type=_positive(float), default=1.0, help='playback speed factor')
     pl.add_argument('--clock', action='store_true', help='publish /clock (use_sim_time)')
     pl.add_argument('--remap', action='append', default=[], metavar='FROM:=TO')
     pl.add_argument('--delay', type=float, default=0.5,
@@ -244,10 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument('--model', help='checkpoint directory (default: shipped tiny model)')
     off.add_argument('--device', help='auto, cpu, cuda or cuda:N (default auto: cuda when '
                      'available)')
-    off.add_argument('--fps', type=float, default=1.0, help='frames sampled per video second')
-    off.add_argument('--max-frames', type=int, default=256, help='at most this many frames')
-    off.add_argument('--chunk', type=int, default=64, help='frames per vision forward')
-    off.add_argument('--max-new-tokens', type=int, default=256)
+    off.add_argument('--fps', type=_positive(float), default=1.0,
+                     help='frames sampled per video second')
+    off.add_argument('--max-frames', type=_positive(int), default=256,
+                     help='at most this many frames')
+    off.add_argument('--chunk', type=_positive(int), default=64, help='frames per vision forward')
+    off.add_argument('--max-new-tokens', type=_positive(int), default=256)
     off.set_defaults(func=cmd_offline)
     tw = sub.add_parser('toyworld', help='the toyworld model: train, eval, bag')
     tw_sub = tw.add_subparsers(dest='toyworld_command', required=True)
@@ -271,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument('--episodes', type=int, default=10)
     bg.add_argument('--seed-base', type=int, default=None,
                     help='first held-out seed (default: toyworld.world.EVAL_SEED_BASE)')
-    bg.add_argument('--storage', choices=['sqlite3', 'mcap'], default='sqlite3')
+    bg.add_argument('--storage', choices=['mcap', 'sqlite3'], default='mcap')
     bg.set_defaults(func=cmd_toyworld_bag)
     return parser
 
@@ -283,7 +296,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     split = argv.index('--ros-args') if '--ros-args' in argv else len(argv)
     ns = build_parser().parse_args(argv[:split])
     ns.ros_args = argv[split:]
-    return int(ns.func(ns) or 0)
+    from .engine.checkpoint import CheckpointError
+    try:
+        return int(ns.func(ns) or 0)
+    except (CheckpointError, ValueError, OSError) as exc:  # bad input: a message, no trace
+        print(f'mossv-ros {ns.command}: error: {exc}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == '__main__':

@@ -10,35 +10,12 @@ import time
 import numpy as np
 import pytest
 
+from .ros_helpers import assistant_in_process as _node
 from .ros_helpers import spin_until, start_node, stop
+from .ros_helpers import teardown_assistant as _teardown
 
 rclpy = pytest.importorskip('rclpy')
 pytestmark = pytest.mark.ros
-
-
-def _node(ros_context, tiny_checkpoint, **params):
-    from rclpy.parameter import Parameter
-
-    from mossv_ros.ros.executor import MultiThreadedExecutor
-    from mossv_ros.ros.node import AssistantNode
-    overrides = {'model.path': str(tiny_checkpoint), 'engine.device': 'cpu',
-                 'engine.dtype': 'float32', 'sampling.max_new_tokens': 8,
-                 'status.period_sec': 0.1, **params}
-    node = AssistantNode(context=ros_context, parameter_overrides=[
-        Parameter(k, value=v) for k, v in overrides.items()])
-    executor = MultiThreadedExecutor(num_threads=4, context=ros_context)
-    executor.add_node(node)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
-    return node, executor
-
-
-def _teardown(executor, node, *others):
-    executor.shutdown(timeout_sec=1.0)
-    node._close_io()
-    node._stop_engine()
-    for n in (node, *others):
-        n.destroy_node()
 
 
 def _feed(node, n=1, start=0):

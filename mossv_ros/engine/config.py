@@ -13,10 +13,10 @@ ATTN_IMPLEMENTATIONS = ('auto', 'eager', 'sdpa', 'flash_attention_2')
 EVICTION_POLICIES = ('sink_window', 'fifo')
 
 
-#: EngineConfig fields that may change while the engine runs (:meth:`StreamingEngine.update_config`,
+#: EngineConfig fields that may change while the engine runs (``StreamingEngine.update_config``,
 #: the node's live parameters); every other field needs a new configure.
 LIVE_FIELDS = ('frame_rate_hz', 'max_prompt_chars', 'max_pending_questions',
-               'round_close_after_frames', 'sampling')
+               'round_close_after_frames', 'round_close_after_sec', 'sampling')
 
 
 def resolve_device_dtype(device: str, dtype: str, cuda_available: bool) -> Tuple[str, str, str]:
@@ -63,12 +63,12 @@ class SamplingConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        _check(math.isfinite(self.temperature) and self.temperature >= 0.0,
-               'sampling.temperature', self.temperature, 'a finite float >= 0 (0 = greedy)')
+        _check(self.temperature == 0.0 or 0.01 <= self.temperature <= 100.0,
+               'sampling.temperature', self.temperature, '0 (greedy) or a float in [0.01, 100]')
         _check(self.top_k >= 0, 'sampling.top_k', self.top_k, 'an int >= 0 (0 = off)')
         _check(0.0 < self.top_p <= 1.0, 'sampling.top_p', self.top_p, 'a float in (0, 1]')
-        _check(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0.0,
-               'sampling.repetition_penalty', self.repetition_penalty, 'a float > 0 (1 = off)')
+        _check(0.1 <= self.repetition_penalty <= 10.0, 'sampling.repetition_penalty',
+               self.repetition_penalty, 'a float in [0.1, 10] (1 = off)')
         _check(1 <= self.max_new_tokens <= 1_000_000, 'sampling.max_new_tokens',
                self.max_new_tokens, 'an int in [1, 1000000]')
 
@@ -98,6 +98,9 @@ class EngineConfig:
     :ivar max_frame_queue: frames waiting to be encoded; the oldest is dropped and counted.
     :ivar round_close_after_frames: a round (question) ends after this many silent frames
         following its last utterance; later utterances until then are revisions.
+    :ivar round_close_after_sec: a silent round also ends after this many seconds (wall
+        clock) with no frame and no token, so a question to a camera that sends nothing still
+        gets its final answer (0 = off).
     :ivar max_memory_bytes: optional cap on vision + text cache bytes (0 = off); on overflow
         frames are evicted (simulates device OOM handling on the CPU).
     :ivar reset_after_gap_sec: start a fresh session when consecutive frame stamps are more
@@ -120,6 +123,7 @@ class EngineConfig:
     max_frame_queue: int = 4
     max_memory_bytes: int = 0
     round_close_after_frames: int = 30
+    round_close_after_sec: float = 10.0
     reset_after_gap_sec: float = 0.0
     system_prompt: str = ''
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -131,8 +135,8 @@ class EngineConfig:
         _check(dev in ('auto', 'cpu', 'cuda', 'mps', 'xpu'), 'engine.device', self.device,
                "'auto', 'cpu', 'cuda' or 'cuda:N'")
         if ':' in self.device:
-            _check(dev != 'auto' and self.device.split(':', 1)[1].isdigit(), 'engine.device', self.device,
-                   "'cuda:N' with N an integer")
+            _check(dev != 'auto' and self.device.split(':', 1)[1].isdigit(), 'engine.device',
+                   self.device, "'cuda:N' with N an integer")
         _check(self.attn_implementation in ATTN_IMPLEMENTATIONS, 'engine.attn_implementation',
                self.attn_implementation, f'one of {ATTN_IMPLEMENTATIONS}')
         _check(0 <= self.cpu_threads <= 256, 'engine.cpu_threads', self.cpu_threads,
@@ -157,6 +161,9 @@ class EngineConfig:
                'an int >= 0 (0 = off)')
         _check(self.round_close_after_frames >= 0, 'round.close_after_frames',
                self.round_close_after_frames, 'an int >= 0 (0 = rounds stay open)')
+        _check(self.round_close_after_sec == 0.0 or 0.5 <= self.round_close_after_sec <= 3600.0,
+               'round.close_after_sec', self.round_close_after_sec,
+               '0 (off) or a float in [0.5, 3600] (seconds)')
         _check(math.isfinite(self.reset_after_gap_sec) and self.reset_after_gap_sec >= 0.0,
                'frames.reset_after_gap_sec', self.reset_after_gap_sec,
                'a float >= 0 (0 = off)')

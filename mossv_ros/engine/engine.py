@@ -14,13 +14,13 @@ Inputs are queued (frames, questions, reset, stop); outputs are events in :attr:
 from collections import deque
 import dataclasses
 from dataclasses import dataclass, field
+import itertools
 import logging
 import queue
 import threading
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional
 
-from . import prompt as grammar
 from .config import EngineConfig, LIVE_FIELDS
 from .events import (
     AnswerEvent,
@@ -41,7 +41,7 @@ from .events import (
     SilenceEvent,
     TokenEvent,
 )
-from .policy import FrameRateLimiter, validate_prompt
+from .policy import FrameRateLimiter, validate_prompt, validate_request_id
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class _Round:
     first_token_ts: float = 0.0
     last_token_ts: float = 0.0
     first_frame_index: int = -1
+    quiet_since_ts: float = 0.0  # monotonic time of the round's last token or frame
 
 
 @dataclass
@@ -81,11 +82,13 @@ class StreamingEngine:
         ``config.model_path`` on the engine thread (state 'loading' meanwhile).
     :param sampler: ``sampler(logits, history) -> token id``; default from ``config.sampling``.
     :param on_event: called (from engine threads) after each event is queued; must not block.
+    :param round_ids: iterator of round ids (default ``itertools.count(1)``).
     """
 
     def __init__(self, config: EngineConfig, runner=None, sampler=None,
                  on_event: Optional[Callable[[object], None]] = None,
-                 load_progress: Optional[Callable[[int, int], None]] = None) -> None:
+                 load_progress: Optional[Callable[[int, int], None]] = None,
+                 round_ids: Optional[Iterator[int]] = None) -> None:
         self.config = config.validate()
         self.runner = runner
         self._sampler = sampler
@@ -101,7 +104,9 @@ class StreamingEngine:
         self._stop = threading.Event()
         self._threads: List[threading.Thread] = []
         self._limiter = FrameRateLimiter(config.frame_rate_hz)
-        self._next_round_id = 1
+        #: round ids, unique for the owner's lifetime (a node passes one counter to every
+        #: engine it creates, so two rounds never share an id across configures)
+        self._round_ids = round_ids if round_ids is not None else itertools.count(1)
         self._next_frame_index = 0
         self.stats_data = EngineStats(state='unloaded')
         self._session = None
@@ -225,14 +230,19 @@ class StreamingEngine:
     def submit_question(self, text: str, request_id: str = ''):
         """Queue a question. :returns: (accepted, round_id, message); never raises on input."""
         ok, cleaned, reason = validate_prompt(text, self.config.max_prompt_chars)
+        if ok:
+            ok, reason = validate_request_id(request_id)
         if not ok:
             return False, 0, reason
         if self.state != 'ready':
             detail = f': {self.stats_data.last_error}' if self.state == 'error' else ''
             return False, 0, f'engine not ready (state {self.state}){detail}'
+        num_tokens, limit = len(self.runner.question_ids(cleaned)), self.max_question_tokens()
+        if num_tokens > limit:  # checked here: in the session it would wipe everyone's rounds
+            return False, 0, (f'question has {num_tokens} tokens, limit is {limit} (the text '
+                              'context cache.max_context_tokens must also hold the answer)')
         with self._cv:
-            round_id = self._next_round_id
-            self._next_round_id += 1
+            round_id = next(self._round_ids)
             if len(self._questions) >= self.config.max_pending_questions:
                 old = self._questions.popleft()
                 self._cancel(old, 'superseded by a newer question (queue full)')
@@ -240,6 +250,12 @@ class StreamingEngine:
             self.stats_data.num_rounds_started += 1
             self._cv.notify_all()
         return True, round_id, f'accepted as round {round_id}'
+
+    def max_question_tokens(self) -> int:
+        """Longest question in tokens: half of the text context left after the session
+        prefix (the other half holds the answer and the frames' tokens around it)."""
+        prefix = self._session.prefix_tokens if self._session is not None else 0
+        return max(1, (self.config.max_context_tokens - prefix) // 2)
 
     def update_config(self, config: EngineConfig) -> None:
         """Apply a new configuration while running; only :data:`~.config.LIVE_FIELDS` may
@@ -364,16 +380,21 @@ class StreamingEngine:
             control = self._controls.popleft() if self._controls else None
             question = None if control else (self._questions.popleft()
                                              if self._questions else None)
-            ready = None
+            ready, quiet = None, False
             if control is None and question is None:
                 if self._mode == SILENT and not self._ready:
                     self._idle = True
                     self._cv.notify_all()
                     self._cv.wait(0.1)
-                    return
-                ready = self._ready.popleft() if self._ready else None
+                    if not self._round_quiet_too_long():
+                        return
+                    quiet = True
+                else:
+                    ready = self._ready.popleft() if self._ready else None
             self._idle = False
-        if control is not None:
+        if quiet:
+            self._end_round(END_SILENCE)  # silent, no frame for round.close_after_sec
+        elif control is not None:
             self._do_reset(control[1])
         elif question is not None:
             self._do_question(question)
@@ -381,6 +402,14 @@ class StreamingEngine:
             if ready is not None and ready[0].reset_reason:
                 self._do_reset(ready[0].reset_reason)
             self._do_step(ready)
+
+    def _round_quiet_too_long(self) -> bool:
+        """An open round, silent with no frame and no token for ``round_close_after_sec``
+        (a camera that never sent or stopped): it ends as if its silent frames had come."""
+        limit = self.config.round_close_after_sec
+        rnd = self._round
+        return bool(limit and rnd.round_id and self._utterance is None
+                    and time.monotonic() - rnd.quiet_since_ts >= limit)
 
     def _reset_state(self) -> None:
         self._mode = SILENT
@@ -421,6 +450,7 @@ class StreamingEngine:
                                     frame.arrival_ts)
             if self._round.first_frame_index < 0:
                 self._round.first_frame_index = encoded.frame_index
+            self._round.quiet_since_ts = time.monotonic()
         token = self._sample(logits)
         if ready is not None and token == special.silence and self._mode == SILENT:
             self._count_silent_frame()
@@ -444,9 +474,9 @@ class StreamingEngine:
         tokens = [] if self._pending is None else [self._pending]
         self._end_round(END_INTERRUPTED if self._utterance else END_SILENCE)
         self._set_mode(SILENT)
-        tokens += self.runner.tokenize(grammar.question_text(question.text))
+        tokens += self.runner.question_ids(question.text)
         self._round = _Round(question.round_id, question.request_id, question.text,
-                             question.submit_ts)
+                             question.submit_ts, quiet_since_ts=time.monotonic())
         self._emit(RoundEvent(question.round_id, question.request_id, 'started',
                               question=question.text))
         try:
@@ -503,7 +533,7 @@ class StreamingEngine:
         rnd = self._round
         if rnd.num_tokens == 0:
             rnd.first_token_ts = now
-        rnd.last_token_ts = now
+        rnd.last_token_ts = rnd.quiet_since_ts = now
         self._emit(TokenEvent(rnd.round_id, rnd.request_id, utt.index, rnd.num_tokens, token,
                               delta, self._newest, now))
         rnd.num_tokens += 1

@@ -72,27 +72,45 @@ def read_video(path: str, video_fps: float = 1.0, min_frames: int = 8,
                max_frames: int = 256) -> Tuple[List[np.ndarray], List[float]]:
     """Decode a video file with OpenCV and sample frames per :func:`sample_indices`.
 
+    Two passes, so memory is bounded by the sampled frames whatever the clip's length: the
+    first counts the frames (``grab()``, nothing kept: the container's frame count is
+    unreliable), the second keeps only the sampled ones (``retrieve()``).
+
     :returns: (RGB uint8 frames of shape (H, W, 3), their times in seconds).
     :raises ValueError: the file cannot be opened or has no frames.
     """
     import cv2
 
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise ValueError(f'cannot open video {path}')
+    def open_capture():
+        cap = cv2.VideoCapture(str(path))
+        if not cap.isOpened():
+            raise ValueError(f'cannot open video {path}')
+        return cap
+
+    cap = open_capture()
     try:
         source_fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
-        frames_bgr = []
-        while True:  # the container's frame count is unreliable: count by decoding
-            ok, bgr = cap.read()
-            if not ok:
-                break
-            frames_bgr.append(bgr)
+        num_source = 0
+        while cap.grab():
+            num_source += 1
     finally:
         cap.release()
-    keep = sample_indices(len(frames_bgr), source_fps, video_fps, min_frames, max_frames)
-    return ([np.ascontiguousarray(frames_bgr[i][:, :, ::-1]) for i in keep],
-            [i / source_fps for i in keep])
+    keep = sample_indices(num_source, source_fps, video_fps, min_frames, max_frames)
+    wanted, frames = set(keep), []
+    cap = open_capture()
+    try:
+        for index in range(keep[-1] + 1):
+            if not cap.grab():
+                break
+            if index in wanted:
+                ok, bgr = cap.retrieve()
+                if ok:
+                    frames.append((index, np.ascontiguousarray(bgr[:, :, ::-1])))
+    finally:
+        cap.release()
+    if not frames:
+        raise ValueError(f'no frame of {path} could be decoded')
+    return [f for _, f in frames], [i / source_fps for i, _ in frames]
 
 
 def offline_prompt_text(question: str, num_frames: int,
@@ -136,7 +154,8 @@ def offline_generate(runner, question: str, images: Sequence[np.ndarray],
     _sync(runner)
     encode_s = time.perf_counter() - t0
 
-    ids = runner.tokenize(offline_prompt_text(question, len(images), system_prompt))
+    ids = runner.user_text_ids(
+        lambda text: offline_prompt_text(text, len(images), system_prompt), question)
     image_offsets = [i for i, t in enumerate(ids) if t == special.image]
     if len(image_offsets) != len(encoded):
         raise ValueError(f'prompt has {len(image_offsets)} <|image|> tokens for '

@@ -1,6 +1,7 @@
 """Pure scheduling helpers (no torch, no rclpy): frame subsampling and prompt validation."""
 import math
 from typing import Optional, Tuple
+import unicodedata
 
 
 class FrameRateLimiter:
@@ -42,8 +43,23 @@ def validate_prompt(text, max_chars: int) -> Tuple[bool, str, str]:
         return False, '', f'prompt must be a string, got {type(text).__name__}'
     cleaned = ''.join(ch for ch in text if ch in '\n\t' or (ord(ch) >= 32 and ord(ch) != 127))
     cleaned = cleaned.strip()
-    if not cleaned:
+    # zero-width and other format characters (Unicode category Cf) say nothing either
+    if not any(not ch.isspace() and unicodedata.category(ch) != 'Cf' for ch in cleaned):
         return False, '', 'prompt is empty or whitespace only'
     if len(cleaned) > max_chars:
         return False, '', f'prompt has {len(cleaned)} characters, limit is {max_chars}'
     return True, cleaned, 'accepted'
+
+
+#: Longest accepted ``request_id``, characters: it is echoed on every Token of the round.
+MAX_REQUEST_ID_CHARS = 256
+
+
+def validate_request_id(request_id) -> Tuple[bool, str]:
+    """Check a caller's ``request_id``. :returns: (ok, reason)."""
+    if not isinstance(request_id, str):
+        return False, f'request_id must be a string, got {type(request_id).__name__}'
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        return False, (f'request_id has {len(request_id)} characters, limit is '
+                       f'{MAX_REQUEST_ID_CHARS} (it is echoed on every Token)')
+    return True, 'accepted'

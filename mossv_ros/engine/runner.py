@@ -162,6 +162,9 @@ class ModelRunner:
     def _setup(self, hf_model, tokenizer, impl: str, pool_stride: int) -> None:
         config = self.config
         self.tokenizer = tokenizer
+        #: ids of every special token (Llama-3 reserves 256), which user text must not yield
+        self._special_ids = set(tokenizer.all_special_ids) | {
+            i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
         self.model = MossVideoModel(hf_model, impl, pool_stride)
         self.attn_implementation = impl
         self.tile_px = self.model.vision_config.image_size
@@ -175,7 +178,33 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ text helpers
     def tokenize(self, text: str) -> List[int]:
+        """Token ids of grammar text: special-token strings in it become special ids.
+        Never for user text alone (see :meth:`question_ids`)."""
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def question_ids(self, question: str) -> List[int]:
+        """Token ids of a mid-stream user turn (moss-model.md section 7.4 step 5); see
+        :meth:`user_text_ids`."""
+        return self.user_text_ids(grammar.question_text, question)
+
+    def user_text_ids(self, build: Callable[[str], str], user_text: str) -> List[int]:
+        """Token ids of ``build(user_text)``, grammar text around a user's text, in which the
+        user's text never yields a special token: ``<|image|>``, ``<|eot_id|>`` or a header
+        typed into a question stay plain text, so no one can forge turns or image slots.
+
+        Text without special-token strings is tokenized as one string, exactly as in
+        training; text with them in three parts (grammar, the user's text with special
+        tokens split into plain text, grammar).
+
+        :param build: ``user_text -> full text``; must contain ``user_text`` once.
+        """
+        user = self.tokenizer.encode(user_text, add_special_tokens=False)
+        if not self._special_ids.intersection(user):
+            return self.tokenize(build(user_text))
+        before, after = build('\0').split('\0')
+        plain = self.tokenizer.encode(user_text, add_special_tokens=False,
+                                      split_special_tokens=True)
+        return self.tokenize(before) + list(plain) + self.tokenize(after)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)

@@ -23,9 +23,16 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
         """:param logits: float tensor (vocab,). :param history: ids of the current round."""
         cfg = self.config
-        logits = logits.detach().float().cpu().clone()
+        # A NaN or +inf from the model must not reach softmax: NaN never wins, +inf is the
+        # largest finite value (issue 16 item 11: "probability tensor contains inf/nan").
+        logits = torch.nan_to_num(logits.detach().float().cpu(), nan=float('-inf'),
+                                  posinf=torch.finfo(torch.float32).max)
         if self.suppress:
             logits[self.suppress] = float('-inf')
+        if not torch.isfinite(logits).any():  # nothing left to choose from: first allowed id
+            allowed = torch.ones_like(logits, dtype=torch.bool)
+            allowed[self.suppress] = False
+            return int(torch.nonzero(allowed)[0]) if allowed.any() else 0
         if cfg.repetition_penalty != 1.0 and history:
             idx = torch.tensor(sorted(set(history)), dtype=torch.long)
             idx = idx[idx < logits.shape[0]]
@@ -34,7 +41,7 @@ class Sampler:
                                       vals * cfg.repetition_penalty)
         if cfg.temperature == 0.0:
             return int(torch.argmax(logits))
-        logits = logits / cfg.temperature
+        logits = (logits - logits.max()) / cfg.temperature  # max 0: exp never overflows
         if cfg.top_k > 0:
             kth = torch.topk(logits, min(cfg.top_k, logits.shape[0])).values[-1]
             logits[logits < kth] = float('-inf')

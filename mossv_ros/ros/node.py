@@ -5,6 +5,7 @@ executor once, through a guard condition (ros2/examples ``trigger_guard_conditio
 """
 import contextlib
 import functools
+import itertools
 import logging
 import math
 import queue
@@ -12,7 +13,7 @@ import threading
 import time
 from typing import Callable, List, Optional
 
-from rcl_interfaces.msg import SetParametersResult
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType
@@ -27,11 +28,13 @@ from ..engine.engine import StreamingEngine
 from . import convert
 from .executor import MultiThreadedExecutor
 from .params import (
+    coerce_param,
     engine_config_from_params,
     engine_defaults,
     is_live,
     LIVE_NODE_PARAMS,
     NODE_DEFAULTS,
+    unknown_params,
     validate_node_params,
 )
 
@@ -78,9 +81,16 @@ class AssistantNode(LifecycleNode):
         """:param load_progress: ``progress(done_files, total_files)`` while weights load."""
         super().__init__(node_name, **kwargs)
         self._load_progress = load_progress
-        self._param_names = tuple({**engine_defaults(), **NODE_DEFAULTS})
-        for name, value in {**engine_defaults(), **NODE_DEFAULTS}.items():
-            self.declare_parameter(name, value)
+        self._param_defaults = {**engine_defaults(), **NODE_DEFAULTS}
+        self._param_names = tuple(self._param_defaults)
+        # Dynamic typing: a wrong type (-p frames.rate_hz:=2) gets our validation message
+        # (params.coerce_param) at configure or `ros2 param set`, not a traceback here.
+        dynamic = ParameterDescriptor(dynamic_typing=True)
+        for name, value in self._param_defaults.items():
+            self.declare_parameter(name, value, dynamic)
+        unknown = unknown_params(self._parameter_overrides, self._parameters)
+        if unknown:
+            self.get_logger().warning('unknown parameters, ignored: ' + ', '.join(unknown))
         # `ros2 param set`: validated first (a bad value is refused with the reason), then
         # the live ones are applied at once (params.is_live); the others wait for configure.
         self.add_on_set_parameters_callback(self._check_parameters)
@@ -102,6 +112,9 @@ class AssistantNode(LifecycleNode):
         self._loading = False
         self._active = False
         self._engine_failed = False  # a fatal engine error took the node out of Active
+        #: round ids for the node's lifetime: every engine it creates draws from this one
+        #: counter, so rounds of different configures never share an id
+        self._round_ids = itertools.count(1)
         from mossv_ros.srv import Ask, Reset
         # Services exist in every lifecycle state, so a caller always gets a reason
         # ("model loading", "not active") instead of a missing service.
@@ -114,8 +127,8 @@ class AssistantNode(LifecycleNode):
     @_logged_transition
     def on_configure(self, state) -> TransitionCallbackReturn:
         from mossv_ros.msg import Answer, Silence, Status, Token
-        values = self._param_values()
         try:
+            values = self._param_values()
             config = engine_config_from_params(values)
             validate_node_params(values)
         except ValueError as exc:
@@ -159,7 +172,8 @@ class AssistantNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         finally:
             self._loading = False
-        self.engine = StreamingEngine(config, runner=runner, on_event=self._on_engine_event)
+        self.engine = StreamingEngine(config, runner=runner, on_event=self._on_engine_event,
+                                      round_ids=self._round_ids)
         self.engine.start()
         if not self.engine.wait_ready(120.0):
             self.get_logger().error(f'engine failed to start: {self.engine.stats().last_error}')
@@ -175,14 +189,22 @@ class AssistantNode(LifecycleNode):
         fire and the node would look dead."""
         if self._status_timer is not None:
             self.destroy_timer(self._status_timer)
-        period = float(self.get_parameter('status.period_sec').value)
+        period = self._param('status.period_sec')
         self._status_timer = self.create_timer(period, self._publish_status,
                                                callback_group=self._events_cb,
                                                clock=Clock(clock_type=ClockType.STEADY_TIME))
 
     # ------------------------------------------------------------------ parameters
-    def _param_values(self) -> dict:
-        return {name: self.get_parameter(name).value for name in self._param_names}
+    def _param_values(self, changes: Optional[dict] = None) -> dict:
+        """Our parameters' values (with ``changes`` applied), each coerced to its declared
+        type. :raises ValueError: a value of the wrong type, named."""
+        values = {name: self.get_parameter(name).value for name in self._param_names}
+        values.update(changes or {})
+        return {name: coerce_param(name, value, self._param_defaults[name])
+                for name, value in values.items()}
+
+    def _param(self, name: str):
+        return self._param_values()[name]
 
     def _check_parameters(self, params) -> SetParametersResult:
         """Refuse an invalid value (the validation message is the reason) and, while the
@@ -197,8 +219,8 @@ class AssistantNode(LifecycleNode):
                 f'{", ".join(fixed)} cannot change while the node is {state}: deactivate and '
                 'clean up the node (ros2 lifecycle set), set it, then configure again. Live '
                 'parameters: sampling.*, prompt.*, round.*, frames.rate_hz, status.period_sec'))
-        values = {**self._param_values(), **ours}
         try:
+            values = self._param_values(ours)
             engine_config_from_params(values)
             validate_node_params(values)
         except (ValueError, TypeError) as exc:
@@ -223,7 +245,7 @@ class AssistantNode(LifecycleNode):
     @_logged_transition
     def on_activate(self, state) -> TransitionCallbackReturn:
         from mossv_ros.msg import Question
-        reliability = str(self.get_parameter('qos.image_reliability').value)
+        reliability = self._param('qos.image_reliability')
         if self.engine is not None and self.engine.state == 'error':
             # a lifecycle cycle (deactivate -> activate) recovers from an engine error
             self.get_logger().warning('engine was in ERROR: restarting it with a fresh session')
@@ -232,11 +254,11 @@ class AssistantNode(LifecycleNode):
                          durability=qos_profile_sensor_data.durability,
                          reliability=(ReliabilityPolicy.BEST_EFFORT if reliability ==
                                       'best_effort' else ReliabilityPolicy.RELIABLE))
-        for topic in self.get_parameter('topics.images').value:
+        for topic in self._param('topics.images'):
             if topic:
                 self._io.append(self.create_subscription(
                     Image, topic, self._on_image, qos, callback_group=self._image_cb))
-        for topic in self.get_parameter('topics.compressed_images').value:
+        for topic in self._param('topics.compressed_images'):
             if topic:
                 self._io.append(self.create_subscription(
                     CompressedImage, topic, self._on_compressed, qos,
@@ -319,7 +341,7 @@ class AssistantNode(LifecycleNode):
         if stamp_sec == 0.0:
             stamp_sec = self.get_clock().now().nanoseconds * 1e-9
         if stamp_sec < self._last_stamp_sec - 1e-6 and \
-                self.get_parameter('time.reset_on_backwards_stamp').value:
+                self._param('time.reset_on_backwards_stamp'):
             self.get_logger().warning(f'image stamp jumped backwards ({self._last_stamp_sec:.3f}'
                                       f' -> {stamp_sec:.3f} s): resetting the session')
             self.engine.reset('stamp jumped backwards')

@@ -28,6 +28,7 @@ PARAM_TO_FIELD = {
     'prompt.max_chars': 'max_prompt_chars',
     'prompt.max_pending': 'max_pending_questions',
     'round.close_after_frames': 'round_close_after_frames',
+    'round.close_after_sec': 'round_close_after_sec',
 }
 SAMPLING_PARAMS = ('temperature', 'top_k', 'top_p', 'repetition_penalty', 'max_new_tokens',
                    'seed')
@@ -54,6 +55,55 @@ def is_live(name: str) -> bool:
     if name.startswith('sampling.'):
         return 'sampling' in LIVE_FIELDS
     return name in LIVE_NODE_PARAMS or PARAM_TO_FIELD.get(name) in LIVE_FIELDS
+
+
+def coerce_param(name: str, value, default):
+    """``value`` of parameter ``name`` as the type of its ``default`` (the node declares its
+    parameters with dynamic typing, so a wrong type gets this message, not rclpy's
+    InvalidParameterTypeException traceback): an int where a float is expected is taken
+    as that float; an empty YAML list (rclpy: not set) is an empty list.
+
+    :raises ValueError: naming the parameter, the value and the expected type.
+    """
+    def wrong(expected):
+        return ValueError(f'{name}={value!r} is invalid: expected {expected}')
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise wrong('true or false')
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong('a number')
+        return float(value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong('an integer')
+        return value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise wrong('a string')
+        return value
+    if isinstance(default, list):
+        if value is None:
+            return []
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise wrong("a list of strings, e.g. ['image']")
+        return list(value)
+    return value
+
+
+def unknown_params(given, known) -> list:
+    """Sentences naming each of ``given`` (parameter names from a params file or ``-p``)
+    that is not in ``known``, with the closest known name (a typo such as
+    ``cache.max_frame`` was ignored silently)."""
+    import difflib
+    out = []
+    for name in sorted(set(given) - set(known)):
+        if name.startswith('qos_overrides.') or name == 'use_sim_time':
+            continue
+        close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+        out.append(f'{name} (did you mean {close[0]}?)' if close else name)
+    return out
 
 
 def validate_node_params(values: dict) -> None:

@@ -188,7 +188,7 @@ def evaluate(model_dir: Path, episodes: Sequence[Episode]) -> Tuple[dict, list]:
     from ..engine.engine import StreamingEngine
 
     config = EngineConfig(model_path=str(model_dir), device='cpu', dtype='float32',
-                          round_close_after_frames=0)
+                          round_close_after_frames=0, round_close_after_sec=0.0)
     engine = StreamingEngine(config)
     engine.start()
     try:
