@@ -301,3 +301,98 @@ def test_cli_bad_input_gets_a_message_not_a_traceback(case, tmp_path, small_vide
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert 'Traceback' not in res.stderr and expect in res.stderr, res.stderr
     assert not bag.exists(), 'a failed write left its bag folder behind'
+
+
+# ---------------------------------------------------------------------- stamps
+def test_stamp_policy_two_cameras_jitter_outlier_and_real_jumps():
+    """Issue 16 item 1: one "last stamp" for all topics with a 1 us tolerance reset the
+    session on nearly every frame of two cameras 7 ms apart; one frame stamped an hour ahead
+    did the same."""
+    import random
+
+    from mossv_ros.engine.policy import (STAMP_HELD, STAMP_JUMPED_AHEAD, STAMP_JUMPED_BACK,
+                                         STAMP_OK, StampPolicy)
+    rng = random.Random(0)
+    policy = StampPolicy()
+    verdicts = []
+    for i in range(600):  # 20 s of two 30 Hz cameras, 7 ms apart, +-3 ms jitter
+        t = 100 + i / 30
+        verdicts.append(policy.check('/cam_a', t + rng.uniform(-0.003, 0.003)))
+        verdicts.append(policy.check('/cam_b', t + 0.007 + rng.uniform(-0.003, 0.003)))
+    assert set(verdicts) == {STAMP_OK}
+    assert policy.check('/cam_a', 3700.0) == STAMP_HELD  # one frame an hour ahead
+    assert policy.check('/cam_a', 120.1) == STAMP_OK and policy.num_outliers == 1
+    assert policy.check('/cam_b', 120.2) == STAMP_OK  # the other camera never noticed
+    # a looped bag: the first frame back is held, the second confirms the jump
+    assert policy.check('/cam_a', 100.0) == STAMP_HELD
+    assert policy.check('/cam_a', 100.04) == STAMP_JUMPED_BACK and policy.num_outliers == 1
+    # a camera resuming after an hour: one frame held, then the new timeline
+    assert policy.check('/cam_b', 3800.0) == STAMP_HELD
+    assert policy.check('/cam_b', 3801.0) == STAMP_JUMPED_AHEAD
+
+
+def test_engine_two_interleaved_cameras_never_reset(tiny_runner):
+    import numpy as np
+
+    from mossv_ros.engine import events as ev
+    engine = _engine(tiny_runner)
+    try:
+        image = np.zeros((16, 16, 3), np.uint8)
+        admitted = 0
+        for i in range(300):  # 10 s of stamps at 30 Hz on each of two topics
+            for topic, offset in (('/cam_a', 0.0), ('/cam_b', 0.007)):
+                t = 50 + i / 30 + offset
+                if engine.admit(t, topic):
+                    admitted += 1
+                    engine.submit_frame(ev.Frame(image, None, topic), stamp_sec=t,
+                                        admitted=True)
+        if engine.admit(5000.0, '/cam_a'):
+            raise AssertionError('an outlier stamp was admitted')
+        assert engine.admit(61.0, '/cam_a')  # the stream goes on
+        assert engine.wait_idle(30)
+        stats = engine.stats()
+        assert stats.num_session_resets == 0 and stats.num_stamp_outliers == 1
+        assert 9 <= admitted <= 11, admitted  # 1 Hz of stamp time, from either camera
+    finally:
+        engine.stop()
+
+
+def test_tiny_memory_cap_is_rejected(tiny_checkpoint):
+    """Issue 16 item 12: cache.max_memory_bytes below one frame was neither honoured nor
+    rejected."""
+    from mossv_ros.engine.config import EngineConfig
+    from mossv_ros.engine.runner import ModelRunner
+    runner = ModelRunner(EngineConfig(model_path=str(tiny_checkpoint), device='cpu',
+                                      max_frames=8, max_context_tokens=2048,
+                                      max_memory_bytes=1000))
+    with pytest.raises(ValueError, match='cache.max_memory_bytes=1000 is too small'):
+        runner.start_session(runner.new_session())
+
+
+def _ended(events, round_id):
+    """End reasons of ``round_id``: final Answers and cancellations (which the node turns
+    into final Answers)."""
+    from mossv_ros.engine.events import RoundEvent
+    return ([a.end_reason for a in _finals(events, round_id)]
+            + [e.reason for e in events if isinstance(e, RoundEvent)
+               and e.kind == 'cancelled' and e.round_id == round_id])
+
+
+def test_deactivate_ends_rounds_with_a_final_answer(tiny_runner):
+    """Issue 16 item 14: lifecycle deactivate must end the open round and the waiting ones
+    explicitly, each once."""
+    import time
+    engine = _engine(tiny_runner, round_close_after_sec=0.0)
+    try:
+        ok, rid, _ = engine.submit_question('first?', 'a')
+        assert ok
+        end = time.monotonic() + 10
+        while engine.stats().current_round_id != rid and time.monotonic() < end:
+            time.sleep(0.01)  # the first round is open (being answered)
+        ok2, rid2, _ = engine.submit_question('second?', 'b')
+        engine.end_rounds('deactivated')
+        events = _drain(engine, lambda ev: _ended(ev, rid) and _ended(ev, rid2))
+        assert _ended(events, rid) in (['deactivated'], ['interrupted']), events
+        assert len(_ended(events, rid2)) == 1, events
+    finally:
+        engine.stop()

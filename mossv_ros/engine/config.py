@@ -16,7 +16,8 @@ EVICTION_POLICIES = ('sink_window', 'fifo')
 #: EngineConfig fields that may change while the engine runs (``StreamingEngine.update_config``,
 #: the node's live parameters); every other field needs a new configure.
 LIVE_FIELDS = ('frame_rate_hz', 'max_prompt_chars', 'max_pending_questions',
-               'round_close_after_frames', 'round_close_after_sec', 'sampling')
+               'round_close_after_frames', 'round_close_after_sec', 'reset_on_backwards_stamp',
+               'sampling')
 
 
 def resolve_device_dtype(device: str, dtype: str, cuda_available: bool) -> Tuple[str, str, str]:
@@ -103,6 +104,9 @@ class EngineConfig:
         gets its final answer (0 = off).
     :ivar max_memory_bytes: optional cap on vision + text cache bytes (0 = off); on overflow
         frames are evicted (simulates device OOM handling on the CPU).
+    :ivar reset_on_backwards_stamp: a camera's stamps jumping back in time (a looped bag;
+        checked per topic, jitter and single outliers tolerated: ``policy.StampPolicy``)
+        start a fresh session.
     :ivar reset_after_gap_sec: start a fresh session when consecutive frame stamps are more
         than this many seconds apart (the camera stopped; 0 = keep the session).
     """
@@ -125,6 +129,7 @@ class EngineConfig:
     round_close_after_frames: int = 30
     round_close_after_sec: float = 10.0
     reset_after_gap_sec: float = 0.0
+    reset_on_backwards_stamp: bool = True
     system_prompt: str = ''
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 

@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -41,7 +42,15 @@ from .events import (
     SilenceEvent,
     TokenEvent,
 )
-from .policy import FrameRateLimiter, validate_prompt, validate_request_id
+from .policy import (
+    FrameRateLimiter,
+    STAMP_HELD,
+    STAMP_JUMPED_AHEAD,
+    STAMP_JUMPED_BACK,
+    StampPolicy,
+    validate_prompt,
+    validate_request_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +113,7 @@ class StreamingEngine:
         self._stop = threading.Event()
         self._threads: List[threading.Thread] = []
         self._limiter = FrameRateLimiter(config.frame_rate_hz)
+        self._stamps = StampPolicy()
         #: round ids, unique for the owner's lifetime (a node passes one counter to every
         #: engine it creates, so two rounds never share an id across configures)
         self._round_ids = round_ids if round_ids is not None else itertools.count(1)
@@ -177,14 +187,41 @@ class StreamingEngine:
                     return False
                 self._cv.wait(min(left, 0.05))
 
-    def admit(self, stamp_sec: float) -> bool:
-        """Rate-limit check for a frame stamped ``stamp_sec`` (seconds); commits on True.
+    def admit(self, stamp_sec: float, topic: str = '') -> bool:
+        """Should a frame of ``topic`` stamped ``stamp_sec`` (seconds) be fed? Commits on True.
 
-        Callers that must convert an image first (the ROS image callback) ask here before
-        converting, then call :meth:`submit_frame` with ``admitted=True``.
+        The one owner of stamps: per-topic jump and outlier checks (:class:`StampPolicy`: a
+        real jump back in time resets the session when ``reset_on_backwards_stamp``), then
+        subsampling to ``frames.rate_hz``. Callers that must convert an image first (the ROS
+        image callback) ask here before converting, then call :meth:`submit_frame` with
+        ``admitted=True``.
         """
         with self._cv:
-            return self._limiter.accept(stamp_sec)
+            return self._admit_locked(stamp_sec, topic)
+
+    def _admit_locked(self, stamp_sec: float, topic: str) -> bool:
+        if not math.isfinite(stamp_sec):
+            return False
+        stamps, outliers = self._stamps, self._stamps.num_outliers
+        verdict = stamps.check(topic, stamp_sec)
+        if stamps.num_outliers != outliers:
+            self.stats_data.num_stamp_outliers = stamps.num_outliers
+            log.warning('dropped one frame of %r whose stamp was off its timeline (an outlier;'
+                        ' %d so far)', topic, stamps.num_outliers)
+        if verdict == STAMP_HELD:
+            return False
+        if verdict in (STAMP_JUMPED_BACK, STAMP_JUMPED_AHEAD):
+            self._limiter.reset()
+            if verdict == STAMP_JUMPED_BACK and self.config.reset_on_backwards_stamp:
+                log.warning('stamps of %r jumped back in time: resetting the session', topic)
+                self._controls.append(('reset', 'stamp jumped backwards'))
+                self._cv.notify_all()
+        return self._limiter.accept(stamp_sec)
+
+    def last_stamp_sec(self) -> Optional[float]:
+        """Newest image stamp admitted or checked, seconds (None before any)."""
+        with self._cv:
+            return self._stamps.last_stamp_sec()
 
     def submit_frame(self, frame: Frame, stamp_sec: Optional[float] = None,
                      admitted: bool = False) -> bool:
@@ -199,7 +236,7 @@ class StreamingEngine:
             frame.arrival_ts = time.monotonic()
         t = frame.arrival_ts if stamp_sec is None else stamp_sec
         with self._cv:
-            if not admitted and not self._limiter.accept(t):
+            if not admitted and not self._admit_locked(t, ''):
                 return False
             frame.reset_reason = self._note_gap(t)
             if len(self._frames) >= self.config.max_frame_queue:
@@ -276,6 +313,14 @@ class StreamingEngine:
                 from .sampling import Sampler
                 self._sampler = Sampler(config.sampling, self.runner.suppressed_ids(),
                                         self.runner.vocab_size)
+
+    def end_rounds(self, reason: str) -> None:
+        """End the open round and cancel the waiting questions at the next token boundary,
+        each with a final Answer (``end_reason`` = ``reason``); the session and its frames
+        stay (a lifecycle deactivate)."""
+        with self._cv:
+            self._controls.append(('end_rounds', reason))
+            self._cv.notify_all()
 
     def reset(self, reason: str = 'requested') -> None:
         """Clear vision cache and dialogue at the next token boundary; recovers from ERROR."""
@@ -394,6 +439,8 @@ class StreamingEngine:
             self._idle = False
         if quiet:
             self._end_round(END_SILENCE)  # silent, no frame for round.close_after_sec
+        elif control is not None and control[0] == 'end_rounds':
+            self._do_end_rounds(control[1])
         elif control is not None:
             self._do_reset(control[1])
         elif question is not None:
@@ -491,6 +538,13 @@ class StreamingEngine:
         self._pending = None
         self._history.clear()
         self._on_token(self._sample(logits))
+
+    def _do_end_rounds(self, reason: str) -> None:
+        if self._mode == SPEAKING:  # stop mid-utterance: yield to silence, as at max tokens
+            self._pending = self.runner.special.silence
+        self._end_round(reason)
+        self._cancel_pending(reason)
+        self._set_mode(SILENT)
 
     def _do_reset(self, reason: str) -> None:
         self.stats_data.num_session_resets += 1

@@ -167,5 +167,6 @@ class EngineStats:
     num_session_resets: int = 0
     num_oom_events: int = 0
     longest_frame_gap_sec: float = 0.0
+    num_stamp_outliers: int = 0
     last_error: str = ''
     last_metrics: Optional[RoundMetrics] = None

@@ -8,7 +8,7 @@ class FrameRateLimiter:
     """Keep frames at most ``rate_hz`` apart in stamp time (moss-model.md section 7.3).
 
     Uses the frames' own stamps (camera or sim time), so a bag replayed faster than real time
-    is subsampled exactly as live. A stamp that jumps backwards restarts the limiter.
+    is subsampled exactly as live.
     """
 
     def __init__(self, rate_hz: float, tolerance: float = 0.05) -> None:
@@ -17,10 +17,15 @@ class FrameRateLimiter:
         self.last_sec: Optional[float] = None
 
     def accept(self, stamp_sec: float) -> bool:
-        """True if a frame stamped ``stamp_sec`` (seconds) should be fed to the model."""
+        """True if a frame stamped ``stamp_sec`` (seconds) should be fed to the model.
+
+        A stamp before the last accepted one is too soon (another camera's frame a few ms
+        earlier, jitter); a real jump back in time is :class:`StampPolicy`'s to decide,
+        which then calls :meth:`reset`.
+        """
         if not math.isfinite(stamp_sec):
             return False
-        if self.last_sec is None or stamp_sec < self.last_sec:
+        if self.last_sec is None:
             self.last_sec = stamp_sec
             return True
         if stamp_sec - self.last_sec >= self.period_sec * (1.0 - self.tolerance):
@@ -63,3 +68,67 @@ def validate_request_id(request_id) -> Tuple[bool, str]:
         return False, (f'request_id has {len(request_id)} characters, limit is '
                        f'{MAX_REQUEST_ID_CHARS} (it is echoed on every Token)')
     return True, 'accepted'
+
+
+#: :meth:`StampPolicy.check` verdicts for the frame checked
+STAMP_OK, STAMP_HELD, STAMP_JUMPED_BACK, STAMP_JUMPED_AHEAD = (
+    'ok', 'held', 'jumped_back', 'jumped_ahead')
+
+
+class StampPolicy:
+    """Per-topic checks of image stamps before admission: jitter, outliers, real jumps.
+
+    Each topic (camera) keeps its own last stamp, so two cameras whose stamps interleave a
+    few ms apart never look like a stamp going backwards. A stamp more than ``jitter_sec``
+    before that topic's last one, or more than ``max_jump_sec`` after it, is *held* (not
+    admitted) until the topic's next frame tells which it was:
+
+    * the next frame is back on the old timeline: the held stamp was an outlier (one frame
+      stamped an hour ahead), counted in :attr:`num_outliers` and dropped; the stream goes on;
+    * the next frame is off the old timeline too: a real jump (a looped bag, a camera
+      restarted after a long gap, a clock step): :data:`STAMP_JUMPED_BACK` or
+      :data:`STAMP_JUMPED_AHEAD` for that frame, which starts the new timeline (the held frame
+      is lost: one frame per real jump).
+
+    Pure and single-threaded: the engine calls it under its lock.
+
+    :param jitter_sec: how far a stamp may go back on one topic before it counts as a jump.
+    :param max_jump_sec: how far ahead a stamp may go before it is held (camera gaps below
+        this are ordinary gaps).
+    """
+
+    def __init__(self, jitter_sec: float = 0.5, max_jump_sec: float = 300.0) -> None:
+        self.jitter_sec = jitter_sec
+        self.max_jump_sec = max_jump_sec
+        self._last = {}
+        self._held = {}
+        self.num_outliers = 0
+
+    def check(self, topic: str, stamp_sec: float) -> str:
+        """Verdict for a frame of ``topic`` stamped ``stamp_sec`` (seconds): admit it on
+        :data:`STAMP_OK` and on a jump (after a session reset for a jump back, where the
+        caller is configured to); skip it on :data:`STAMP_HELD`."""
+        last, held = self._last.get(topic), self._held.pop(topic, None)
+        if last is None:
+            self._last[topic] = stamp_sec
+            return STAMP_OK
+        on_timeline = last - self.jitter_sec <= stamp_sec <= last + self.max_jump_sec
+        if held is not None:
+            if on_timeline:
+                self.num_outliers += 1
+            else:
+                self._last[topic] = stamp_sec
+                return STAMP_JUMPED_BACK if stamp_sec < last else STAMP_JUMPED_AHEAD
+        elif not on_timeline:
+            self._held[topic] = stamp_sec
+            return STAMP_HELD
+        self._last[topic] = max(last, stamp_sec)
+        return STAMP_OK
+
+    def last_stamp_sec(self) -> Optional[float]:
+        """Newest stamp of any topic (None before the first frame)."""
+        return max(self._last.values()) if self._last else None
+
+    def reset(self) -> None:
+        self._last.clear()
+        self._held.clear()

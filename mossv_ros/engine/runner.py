@@ -353,6 +353,13 @@ class ModelRunner:
             raise ValueError(f'cache.max_context_tokens={session.kv_cache.capacity} is too '
                              f'small: the session prompt alone is {len(ids)} tokens; use at '
                              f'least {len(ids) + MIN_FREE_CONTEXT}')
+        cap = self.config.max_memory_bytes
+        need = ((len(ids) + MIN_FREE_CONTEXT) * session.kv_cache.bytes_per_token
+                + session.vision_cache.bytes_per_frame)
+        if cap and cap < need:  # below the prompt and one frame: it could not be honoured
+            raise ValueError(f'cache.max_memory_bytes={cap} is too small: the session prompt, '
+                             f'{MIN_FREE_CONTEXT} free tokens and one frame need {need} bytes; '
+                             'use at least that, or 0 (off)')
         logits = self.feed(session, ids)
         session.prefix_tokens = len(ids)
         return logits

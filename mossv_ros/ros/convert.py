@@ -129,7 +129,7 @@ STATUS_STATES = {'unloaded': 0, 'loading': 1, 'ready': 2, 'error': 3}
 
 
 def status_msg(stats: ev.EngineStats, num_invalid_frames: int, newest: ev.FrameRef,
-               frame_gap_sec: float = math.nan):
+               frame_gap_sec: float = math.nan, warning: str = ''):
     from mossv_ros.msg import Status
     m = stats.last_metrics or ev.RoundMetrics()
     msg = Status(state=STATUS_STATES.get(stats.state, 3), state_text=stats.state,
@@ -144,5 +144,7 @@ def status_msg(stats: ev.EngineStats, num_invalid_frames: int, newest: ev.FrameR
                  frame_gap_sec=float(frame_gap_sec),
                  longest_frame_gap_sec=float(stats.longest_frame_gap_sec),
                  num_session_resets=stats.num_session_resets,
-                 num_oom_events=stats.num_oom_events, last_error=stats.last_error)
+                 num_oom_events=stats.num_oom_events,
+                 num_stamp_outliers=stats.num_stamp_outliers, last_error=stats.last_error,
+                 warning=warning)
     return _header(msg, newest)

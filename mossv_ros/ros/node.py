@@ -100,8 +100,10 @@ class AssistantNode(LifecycleNode):
         self._io: List = []
         self._pubs = {}
         self._num_invalid = 0
+        self._num_images_seen = 0
+        self._warning = ('', 0.0)  # (text, monotonic time) for Status.warning
+        self._no_frame_timer = None
         self._error_log_ts = {}
-        self._last_stamp_sec = -math.inf
         self._newest = ev.FrameRef()
         self._requests = {}
         self._events_cb = MutuallyExclusiveCallbackGroup()
@@ -118,7 +120,10 @@ class AssistantNode(LifecycleNode):
         from mossv_ros.srv import Ask, Reset
         # Services exist in every lifecycle state, so a caller always gets a reason
         # ("model loading", "not active") instead of a missing service.
+        # Deep queues (the default keeps 10): a burst of 200 Ask calls or Questions must not
+        # lose any at the DDS level; every one gets its response / final Answer.
         self._ask_srv = self.create_service(Ask, '~/ask', self._on_ask,
+                                            qos_profile=REQUEST_QOS,
                                             callback_group=self._service_cb)
         self._reset_srv = self.create_service(Reset, '~/reset', self._on_reset,
                                               callback_group=self._service_cb)
@@ -136,10 +141,12 @@ class AssistantNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self.engine_config = config
         if not self._pubs:  # created once: a second configure must not add another set
+            # Lifecycle semantics: the token stream and silence events go out only while
+            # Active; Answers (finals, rejections, cancellations) and Status in every state.
             self._pubs = {
-                'tokens': self.create_publisher(Token, '~/tokens', 100),
-                'silence': self.create_publisher(Silence, '~/silence', 100),
-                'answer': self.create_publisher(Answer, '~/answer', 100),
+                'tokens': self.create_lifecycle_publisher(Token, '~/tokens', 100),
+                'silence': self.create_lifecycle_publisher(Silence, '~/silence', 100),
+                'answer': self.create_publisher(Answer, '~/answer', 1000),  # bursts: all final
                 'status': self.create_publisher(Status, '~/status', 10),
             }
             self._guard = self.create_guard_condition(self._drain_events,
@@ -254,16 +261,25 @@ class AssistantNode(LifecycleNode):
                          durability=qos_profile_sensor_data.durability,
                          reliability=(ReliabilityPolicy.BEST_EFFORT if reliability ==
                                       'best_effort' else ReliabilityPolicy.RELIABLE))
-        for topic in self._param('topics.images'):
-            if topic:
-                self._io.append(self.create_subscription(
-                    Image, topic, self._on_image, qos, callback_group=self._image_cb))
-        for topic in self._param('topics.compressed_images'):
-            if topic:
-                self._io.append(self.create_subscription(
-                    CompressedImage, topic, self._on_compressed, qos,
-                    callback_group=self._image_cb))
-        self._io.append(self.create_subscription(Question, '~/question', self._on_question, 10,
+        compressed = self._param('topics.transport') == 'compressed'
+        topics = [(CompressedImage, f'{t}/compressed') if compressed else (Image, t)
+                  for t in self._param('topics.images') if t]
+        topics += [(CompressedImage, t) for t in self._param('topics.compressed_images') if t]
+        for msg_type, topic in topics:
+            to_rgb = (convert.compressed_to_rgb if msg_type is CompressedImage
+                      else convert.image_to_rgb)
+            self._io.append(self.create_subscription(
+                msg_type, topic, functools.partial(self._ingest, to_rgb=to_rgb, topic=topic),
+                qos, callback_group=self._image_cb))
+        if not topics:
+            self.get_logger().warning('no image topics (topics.images is empty): questions '
+                                      'are answered from text only')
+        self._num_images_seen = 0
+        self._no_frame_timer = self.create_timer(NO_FRAME_WARNING_SEC, self._check_no_frames,
+                                                 callback_group=self._events_cb,
+                                                 clock=Clock(clock_type=ClockType.STEADY_TIME))
+        self._io.append(self.create_subscription(Question, '~/question', self._on_question,
+                                                 REQUEST_QOS,
                                                  callback_group=self._service_cb))
         self.get_logger().info('active: listening on ' + ', '.join(
             s.topic_name for s in self._io if hasattr(s, 'topic_name')))
@@ -274,6 +290,8 @@ class AssistantNode(LifecycleNode):
     def on_deactivate(self, state) -> TransitionCallbackReturn:
         self._active = False
         self._close_io()
+        if self.engine is not None:  # open and waiting rounds end with a final Answer
+            self.engine.end_rounds('deactivated')
         if self._engine_failed:
             # Leaving Active because the engine failed: go through ErrorProcessing
             # (on_error) to Unconfigured; configure + activate or ~/reset recover.
@@ -298,6 +316,9 @@ class AssistantNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _close_io(self) -> None:
+        if self._no_frame_timer is not None:
+            self.destroy_timer(self._no_frame_timer)
+            self._no_frame_timer = None
         for entity in self._io:
             if hasattr(entity, 'srv_type'):
                 self.destroy_service(entity)
@@ -321,41 +342,66 @@ class AssistantNode(LifecycleNode):
                 pass
 
     # ------------------------------------------------------------------ inputs
-    def _rate_limited_error(self, kind: str, message: str) -> None:
+    def _warn(self, kind: str, message: str) -> None:
+        """A warning in the log (at most once per kind per 10 s) and in Status.warning."""
         now = time.monotonic()
+        self._warning = (message, now)
         if now - self._error_log_ts.get(kind, -math.inf) > 10.0:
             self._error_log_ts[kind] = now
-            self.get_logger().warning(f'skipped image ({kind}): {message} '
-                                      f'[{self._num_invalid} invalid so far]')
+            self.get_logger().warning(message)
 
     def _on_image(self, msg: Image) -> None:
-        self._ingest(msg, convert.image_to_rgb)
+        """A raw image on the default topic (tests and in-process users call this)."""
+        self._ingest(msg, convert.image_to_rgb, 'image')
 
-    def _on_compressed(self, msg: CompressedImage) -> None:
-        self._ingest(msg, convert.compressed_to_rgb)
-
-    def _ingest(self, msg, to_rgb) -> None:
+    def _ingest(self, msg, to_rgb, topic: str) -> None:
+        self._num_images_seen += 1
         if self.engine is None:
             return
-        stamp_sec = convert.stamp_to_sec(msg.header.stamp)
-        if stamp_sec == 0.0:
-            stamp_sec = self.get_clock().now().nanoseconds * 1e-9
-        if stamp_sec < self._last_stamp_sec - 1e-6 and \
-                self._param('time.reset_on_backwards_stamp'):
-            self.get_logger().warning(f'image stamp jumped backwards ({self._last_stamp_sec:.3f}'
-                                      f' -> {stamp_sec:.3f} s): resetting the session')
-            self.engine.reset('stamp jumped backwards')
-        self._last_stamp_sec = stamp_sec
-        if not self.engine.admit(stamp_sec):
-            return  # subsampled to frames.rate_hz before any conversion work
+        stamp = msg.header.stamp
+        stamp_sec = convert.stamp_to_sec(stamp)
+        if stamp_sec == 0.0:  # a driver without stamps: the node clock stands in, on outputs too
+            now = self.get_clock().now()
+            if now.nanoseconds == 0:
+                self._warn('untimed', f'images on {topic} have zero stamps and the node clock '
+                           'is zero (use_sim_time without /clock?): they cannot be timed and '
+                           'are skipped; publish /clock (mossv-ros bag play --clock)')
+                return
+            stamp, stamp_sec = now.to_msg(), now.nanoseconds * 1e-9
+            self._warn('zero_stamp', f'images on {topic} have zero stamps: the node clock '
+                       'stamps them and their outputs')
+        if not self.engine.admit(stamp_sec, topic):
+            return  # subsampled to frames.rate_hz (or an odd stamp) before any conversion
         try:
             rgb = to_rgb(msg)
         except convert.ImageError as exc:
             self._num_invalid += 1
-            self._rate_limited_error(exc.kind, str(exc))
+            self._warn(exc.kind, f'skipped image ({exc.kind}): {exc} '
+                       f'[{self._num_invalid} invalid so far]')
             return
-        self.engine.submit_frame(ev.Frame(rgb, msg.header.stamp, msg.header.frame_id),
+        self.engine.submit_frame(ev.Frame(rgb, stamp, msg.header.frame_id),
                                  stamp_sec=stamp_sec, admitted=True)
+
+    def _check_no_frames(self) -> None:
+        """Once, some seconds after activation: no image yet? Say why if the graph shows it
+        (a topic of another type under the expected name, frames on ``<topic>/compressed``)."""
+        self.destroy_timer(self._no_frame_timer)
+        if self._num_images_seen or not self._active:
+            return
+        published = dict(self.get_topic_names_and_types())
+        hints = []
+        for sub in self._io:
+            name = getattr(sub, 'topic_name', '')
+            ours = sub.msg_type.__name__ if hasattr(sub, 'msg_type') else ''
+            other = [t for t in published.get(name, []) if not t.endswith('/' + ours)]
+            if other and not name.endswith('/question'):
+                hints.append(f'{name} is published as {other[0]}, the node expects {ours}')
+            if ours == 'Image' and 'sensor_msgs/msg/CompressedImage' in published.get(
+                    name + '/compressed', []):
+                hints.append(f'frames are published on {name}/compressed: set '
+                             'topics.transport:=compressed')
+        self._warn('no_frames', f'no image in {NO_FRAME_WARNING_SEC:.0f} s since activation'
+                   + (': ' + '; '.join(hints) if hints else ' (is the camera publishing?)'))
 
     def _submit(self, text: str, request_id: str):
         if self._loading:
@@ -443,12 +489,28 @@ class AssistantNode(LifecycleNode):
     def _publish_status(self) -> None:
         if 'status' not in self._pubs:
             return
-        stats = self.engine.stats() if self.engine else ev.EngineStats(state='unloaded')
-        gap = math.nan
-        if math.isfinite(self._last_stamp_sec):
-            gap = self.get_clock().now().nanoseconds * 1e-9 - self._last_stamp_sec
+        if self._loading:
+            stats = ev.EngineStats(state='loading', model_name=self._model_name())
+        else:
+            stats = self.engine.stats() if self.engine else ev.EngineStats(state='unloaded')
+        # NaN before any image or while the (sim) clock has not started; never negative
+        last, now_ns = (self.engine.last_stamp_sec() if self.engine else None,
+                        self.get_clock().now().nanoseconds)
+        gap = math.nan if last is None or now_ns == 0 else max(0.0, now_ns * 1e-9 - last)
+        text, ts = self._warning
+        warning = text if text and time.monotonic() - ts < 30.0 else ''
         self._pubs['status'].publish(convert.status_msg(stats, self._num_invalid, self._newest,
-                                                        gap))
+                                                        gap, warning))
+
+    def _model_name(self) -> str:
+        path = str(self._param('model.path'))
+        return path.rstrip('/').split('/')[-1] or 'none'
+
+
+#: ~/ask and ~/question: reliable, keep the last 1000 (bursts lose nothing)
+REQUEST_QOS = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
+#: seconds after activation without any image before the node says so (log, Status)
+NO_FRAME_WARNING_SEC = 5.0
 
 
 def _raise_interrupt(signum, frame):

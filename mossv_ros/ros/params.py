@@ -29,6 +29,7 @@ PARAM_TO_FIELD = {
     'prompt.max_pending': 'max_pending_questions',
     'round.close_after_frames': 'round_close_after_frames',
     'round.close_after_sec': 'round_close_after_sec',
+    'time.reset_on_backwards_stamp': 'reset_on_backwards_stamp',
 }
 SAMPLING_PARAMS = ('temperature', 'top_k', 'top_p', 'repetition_penalty', 'max_new_tokens',
                    'seed')
@@ -39,13 +40,16 @@ NODE_DEFAULTS = {
     'topics.compressed_images': [''],
     'qos.image_reliability': 'best_effort',
     'status.period_sec': 1.0,
-    'time.reset_on_backwards_stamp': True,
+    'topics.transport': 'raw',
 }
 
 
 #: Node parameters applied while the node runs; all others need a new configure.
 LIVE_NODE_PARAMS = ('status.period_sec',)
 RELIABILITIES = ('best_effort', 'reliable')
+#: image_transport names: 'raw' subscribes sensor_msgs/Image on each of topics.images,
+#: 'compressed' sensor_msgs/CompressedImage on ``<topic>/compressed``
+TRANSPORTS = ('raw', 'compressed')
 
 
 def is_live(name: str) -> bool:
@@ -116,6 +120,10 @@ def validate_node_params(values: dict) -> None:
             and 0.01 <= period <= 3600.0):
         raise ValueError(f'status.period_sec={period!r} is invalid: expected a float in '
                          '[0.01, 3600] (seconds)')
+    transport = values.get('topics.transport', NODE_DEFAULTS['topics.transport'])
+    if transport not in TRANSPORTS:
+        raise ValueError(f'topics.transport={transport!r} is invalid: expected one of '
+                         f'{TRANSPORTS}')
     rel = values.get('qos.image_reliability', NODE_DEFAULTS['qos.image_reliability'])
     if rel not in RELIABILITIES:
         raise ValueError(f'qos.image_reliability={rel!r} is invalid: expected one of '
