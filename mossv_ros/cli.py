@@ -96,7 +96,9 @@ def cmd_bag_from_video(ns) -> int:
     questions = [parse_question(q) for q in ns.question]
     with tqdm(desc=f'writing {ns.out_bag}', unit='frame') as bar:
         summary = from_video(ns.video, ns.out_bag, questions, storage=ns.storage,
-                             compressed=ns.compressed, image_topic=ns.image_topic,
+                             compressed=ns.compressed,
+                             image_topic=ns.image_topic or ('/image/compressed' if ns.compressed
+                                                            else '/image'),
                              question_topic=ns.question_topic, frame_id=ns.frame_id,
                              fps=ns.fps, width=ns.width,
                              progress=lambda n: bar.update(n - bar.n))
@@ -229,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help='rosbag2 storage (mcap: the default since Iron)')
     fv.add_argument('--compressed', action='store_true',
                     help='sensor_msgs/CompressedImage (JPEG) instead of Image (bgr8)')
-    fv.add_argument('--image-topic', default='/image')
+    fv.add_argument('--image-topic', default=None,
+                    help='default /image, or /image/compressed with --compressed '
+                    '(image_transport naming; the node: -p topics.transport:=compressed)')
     fv.add_argument('--question-topic', default='/mossv_assistant/question')
     fv.add_argument('--frame-id', default='camera')
     fv.add_argument('--fps', type=_positive(float),

@@ -123,6 +123,9 @@ def test_bag_from_video_then_play_round_trips(ros_context, tmp_path, storage, co
                 (msg.header.stamp.sec, msg.header.stamp.nanosec))
             assert msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec == ns
     assert len(recorded['/mossv_assistant/question']) == 2
+    topic = '/image/compressed' if compressed else '/image'  # image_transport naming
+    assert set(recorded) == {topic, '/mossv_assistant/question'}
+    recorded['/image'] = recorded.pop(topic)
     assert len(recorded['/image']) >= 8
 
     node = rclpy.create_node('bag_sink', context=ros_context)
@@ -131,7 +134,7 @@ def test_bag_from_video_then_play_round_trips(ros_context, tmp_path, storage, co
                              got['/cam'].append, 1000)
     node.create_subscription(Question, '/q', got['/q'].append, 100)
     player = threading.Thread(target=lambda: got.update(res=mossv_ros(
-        'bag', 'play', str(bag), '--rate', '5', '--remap', '/image:=/cam',
+        'bag', 'play', str(bag), '--rate', '5', '--remap', f'{topic}:=/cam',
         '--remap', '/mossv_assistant/question:=/q', '--wait-for-subscribers', '20')))
     player.start()
     spin_until(node, lambda: not player.is_alive(), 120)

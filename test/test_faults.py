@@ -107,6 +107,9 @@ def test_ask_while_loading_says_not_ready(ros_context, tiny_checkpoint):
     threading.Thread(target=executor.spin, daemon=True).start()
     probe = rclpy.create_node('loading_probe', context=ros_context)
     ask = probe.create_client(Ask, '/mossv_assistant/ask')
+    from mossv_ros.msg import Status
+    status = []
+    probe.create_subscription(Status, '/mossv_assistant/status', status.append, 100)
 
     def call(prompt):
         fut = ask.call_async(Ask.Request(prompt=prompt))
@@ -124,6 +127,11 @@ def test_ask_while_loading_says_not_ready(ros_context, tiny_checkpoint):
         assert loading.wait(20)
         res = call('hello?')
         assert not res.accepted and res.message == 'not ready: the model is loading'
+        # Status says LOADING (it said UNLOADED, model 'none', for the whole load: item 12)
+        assert spin_until(probe, lambda: any(s.state == Status.STATE_LOADING for s in status),
+                          10), [s.state_text for s in status]
+        loading_msg = [s for s in status if s.state == Status.STATE_LOADING][0]
+        assert loading_msg.model_name == tiny_checkpoint.name
         gate.set()
         up.join(30)
         assert result == {'c': TransitionCallbackReturn.SUCCESS,

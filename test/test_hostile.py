@@ -310,8 +310,13 @@ def test_stamp_policy_two_cameras_jitter_outlier_and_real_jumps():
     did the same."""
     import random
 
-    from mossv_ros.engine.policy import (STAMP_HELD, STAMP_JUMPED_AHEAD, STAMP_JUMPED_BACK,
-                                         STAMP_OK, StampPolicy)
+    from mossv_ros.engine.policy import (
+        STAMP_HELD,
+        STAMP_JUMPED_AHEAD,
+        STAMP_JUMPED_BACK,
+        STAMP_OK,
+        StampPolicy,
+    )
     rng = random.Random(0)
     policy = StampPolicy()
     verdicts = []
@@ -396,3 +401,15 @@ def test_deactivate_ends_rounds_with_a_final_answer(tiny_runner):
         assert len(_ended(events, rid2)) == 1, events
     finally:
         engine.stop()
+
+
+@pytest.mark.ros
+def test_answer_without_frames_says_minus_one():
+    """Issue 16 item 17: first/last_frame_index were 0 (a real frame index) when no frame
+    had been seen."""
+    pytest.importorskip('rclpy')
+    from mossv_ros.engine import events as ev
+    from mossv_ros.ros import convert
+    msg = convert.answer_msg(ev.AnswerEvent(3, 'r', 0, 'q?', 'text', True, 'silence', -1, -1,
+                                            ev.FrameRef()))
+    assert (msg.first_frame_index, msg.last_frame_index) == (-1, -1)

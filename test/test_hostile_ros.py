@@ -8,7 +8,6 @@ import collections
 import json
 import os
 import random
-import time
 
 import numpy as np
 import pytest
@@ -186,3 +185,98 @@ def test_four_lifecycle_cycles_keep_the_status_rate(probe):
     REPORT['lifecycle'] = {'cycles': 4, 'status_per_sec_before': before,
                            'status_per_sec_after': after}
     assert 3.0 <= before <= 7.0 and 3.0 <= after <= 7.0, REPORT['lifecycle']
+
+
+def test_inactive_node_publishes_no_tokens_and_answers_every_question(probe):
+    """Item 14: the node kept publishing tokens while inactive, and questions published
+    while inactive vanished. Deactivate ends the open round with a final Answer."""
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+    from sensor_msgs.msg import Image
+
+    from mossv_ros.msg import Question
+    from mossv_ros.srv import Ask
+    node, got = probe
+    change = node.create_client(ChangeState, f'{NODE}/change_state')
+    ask = node.create_client(Ask, f'{NODE}/ask')
+    pub = node.create_publisher(Question, f'{NODE}/question', 10)
+    cam = node.create_publisher(Image, '/cam_b', 10)
+    assert change.wait_for_service(timeout_sec=15) and ask.wait_for_service(timeout_sec=15)
+    assert spin_until(node, lambda: pub.get_subscription_count() and
+                      cam.get_subscription_count(), 30)
+
+    def transition(tid):
+        fut = change.call_async(ChangeState.Request(transition=Transition(id=tid)))
+        assert spin_until(node, fut.done, 60) and fut.result().success, tid
+
+    fut = ask.call_async(Ask.Request(prompt='what now?', request_id='open-round'))
+    assert spin_until(node, fut.done, 15) and fut.result().accepted
+    transition(Transition.TRANSITION_DEACTIVATE)
+    assert spin_until(node, lambda: any(a.request_id == 'open-round' and a.is_final
+                                        for a in got['answer']), 15)
+    spin_until(node, lambda: False, 0.5)
+    n_tokens = len(got['tokens'])
+    pub.publish(Question(request_id='while-inactive', text='anyone there?'))
+    for i in range(3):
+        cam.publish(_image(5000.0 + i, 'inactive'))
+        spin_until(node, lambda: False, 0.3)
+    assert spin_until(node, lambda: any(a.request_id == 'while-inactive'
+                                        for a in got['answer']), 15)
+    answer = [a for a in got['answer'] if a.request_id == 'while-inactive'][0]
+    assert answer.is_final and 'not ready: the node is inactive' in answer.end_reason
+    assert len(got['tokens']) == n_tokens, 'tokens published while inactive'
+    transition(Transition.TRANSITION_ACTIVATE)
+    REPORT['inactive'] = {'question_answer': answer.end_reason, 'tokens_while_inactive': 0}
+
+
+def test_incompatible_camera_qos_is_warned(probe):
+    """Item 13: a best-effort camera and a node subscribing reliable never match; the node
+    now says so (rclpy's incompatible-QoS event) in the log and in Status."""
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import Image
+    node, got = probe
+    node.create_publisher(Image, '/cam_b', qos_profile_sensor_data)  # best effort
+    assert spin_until(node, lambda: any('incompatible' in s.warning
+                                        for s in got['status']), 20)
+    warning = [s.warning for s in got['status'] if 'incompatible' in s.warning][-1]
+    assert 'RELIABILITY' in warning and '/cam_b' in warning, warning
+    REPORT['incompatible_qos_warning'] = warning
+
+
+def test_compressed_frames_are_found_or_the_reason_is_said(tiny_checkpoint, ros_context):
+    """Item 6: the documented compressed recipe fed zero frames, silently. Now frames follow
+    image_transport naming (``<topic>/compressed`` with topics.transport compressed), and a
+    node that gets no frame says why in the log and in Status."""
+    import cv2
+    from sensor_msgs.msg import CompressedImage
+
+    from mossv_ros.msg import Status
+    _, jpeg = cv2.imencode('.jpg', np.zeros((24, 32, 3), np.uint8))
+    node = rclpy.create_node('compressed_probe', context=ros_context)
+    status = []
+    # a namespace of its own: the module's node (also /mossv_assistant) is still running
+    node.create_subscription(Status, f'/ctest{NODE}/status', status.append, 100)
+    results = {}
+    for transport, topic in (('raw', '/ctest/image'), ('compressed', '/ctest/image/compressed')):
+        status.clear()
+        pub = node.create_publisher(CompressedImage, topic, 10)
+        proc = start_node('--model', str(tiny_checkpoint), '--device', 'cpu', '--ros-args',
+                          '-r', '__ns:=/ctest', '-p', f'topics.transport:={transport}',
+                          '-p', 'status.period_sec:=0.2')
+        try:
+            assert spin_until(node, lambda: any(s.state_text == 'ready' for s in status), 60)
+            for i in range(40):
+                msg = CompressedImage(format='jpeg', data=jpeg.tobytes())
+                msg.header.stamp.sec, msg.header.frame_id = 100 + i, 'cam'
+                pub.publish(msg)
+                spin_until(node, lambda: False, 0.2)
+            results[transport] = (status[-1].num_frames_received, status[-1].warning)
+        finally:
+            code, _, out = stop(proc)
+            node.destroy_publisher(pub)
+        assert code == 0, out[-2000:]
+    REPORT['compressed'] = results
+    frames, warning = results['raw']
+    assert frames == 0 and 'no image in 5 s' in warning, results
+    assert '/ctest/image is published as sensor_msgs/msg/CompressedImage' in warning, results
+    assert results['compressed'][0] >= 5 and results['compressed'][1] == '', results

@@ -120,9 +120,26 @@ def answer_msg(event: ev.AnswerEvent):
     msg = Answer(round_id=event.round_id, request_id=event.request_id, revision=event.revision,
                  question=event.question, text=event.text, is_final=event.is_final,
                  end_reason=event.end_reason,
-                 first_frame_index=max(event.first_frame_index, 0),
-                 last_frame_index=max(event.last_frame_index, 0))
+                 first_frame_index=event.first_frame_index,
+                 last_frame_index=event.last_frame_index)
     return _header(msg, event.source)
+
+
+def rejected_answer_msg(request_id: str, question: str, reason: str):
+    """The final Answer of a Question that was never accepted (``end_reason`` 'rejected:
+    <why>', round 0)."""
+    from mossv_ros.msg import Answer
+    return Answer(request_id=request_id, question=question, is_final=True,
+                  end_reason=f'rejected: {reason}')
+
+
+def cancelled_answer_msg(event: ev.RoundEvent):
+    """The final Answer of a round cancelled before it was answered (queue full, reset,
+    deactivate, shutdown): ``end_reason`` 'cancelled: <why>'."""
+    from mossv_ros.msg import Answer
+    return Answer(round_id=event.round_id, request_id=event.request_id,
+                  question=event.question, is_final=True,
+                  end_reason=f'cancelled: {event.reason}')
 
 
 STATUS_STATES = {'unloaded': 0, 'loading': 1, 'ready': 2, 'error': 3}

@@ -17,6 +17,7 @@ from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.qos import qos_profile_sensor_data, QoSProfile, ReliabilityPolicy
@@ -98,7 +99,6 @@ class AssistantNode(LifecycleNode):
         self.engine: Optional[StreamingEngine] = None
         self.engine_config: Optional[EngineConfig] = None
         self._io: List = []
-        self._pubs = {}
         self._num_invalid = 0
         self._num_images_seen = 0
         self._warning = ('', 0.0)  # (text, monotonic time) for Status.warning
@@ -109,7 +109,6 @@ class AssistantNode(LifecycleNode):
         self._events_cb = MutuallyExclusiveCallbackGroup()
         self._image_cb = MutuallyExclusiveCallbackGroup()
         self._service_cb = MutuallyExclusiveCallbackGroup()
-        self._guard = None
         self._status_timer = None
         self._loading = False
         self._active = False
@@ -127,11 +126,27 @@ class AssistantNode(LifecycleNode):
                                             callback_group=self._service_cb)
         self._reset_srv = self.create_service(Reset, '~/reset', self._on_reset,
                                               callback_group=self._service_cb)
+        # Publishers, the engine-event guard and ~/question are created once, here: a
+        # configure never adds another set, and a Question in any lifecycle state gets its
+        # final Answer (a rejection that says why while the node is not active). Lifecycle
+        # semantics: the token stream and silence events go out only while Active; Answers
+        # (finals, rejections, cancellations) and Status in every state.
+        from mossv_ros.msg import Answer, Question, Silence, Status, Token
+        self._pubs = {
+            'tokens': self.create_lifecycle_publisher(Token, '~/tokens', 100),
+            'silence': self.create_lifecycle_publisher(Silence, '~/silence', 100),
+            'answer': self.create_publisher(Answer, '~/answer', 1000),  # bursts: all final
+            'status': self.create_publisher(Status, '~/status', 10),
+        }
+        self._guard = self.create_guard_condition(self._drain_events,
+                                                  callback_group=self._events_cb)
+        self._question_sub = self.create_subscription(
+            Question, '~/question', self._on_question, REQUEST_QOS,
+            callback_group=self._service_cb)
 
     # ------------------------------------------------------------------ lifecycle
     @_logged_transition
     def on_configure(self, state) -> TransitionCallbackReturn:
-        from mossv_ros.msg import Answer, Silence, Status, Token
         try:
             values = self._param_values()
             config = engine_config_from_params(values)
@@ -140,17 +155,6 @@ class AssistantNode(LifecycleNode):
             self.get_logger().error(f'invalid parameters: {exc}')
             return TransitionCallbackReturn.FAILURE
         self.engine_config = config
-        if not self._pubs:  # created once: a second configure must not add another set
-            # Lifecycle semantics: the token stream and silence events go out only while
-            # Active; Answers (finals, rejections, cancellations) and Status in every state.
-            self._pubs = {
-                'tokens': self.create_lifecycle_publisher(Token, '~/tokens', 100),
-                'silence': self.create_lifecycle_publisher(Silence, '~/silence', 100),
-                'answer': self.create_publisher(Answer, '~/answer', 1000),  # bursts: all final
-                'status': self.create_publisher(Status, '~/status', 10),
-            }
-            self._guard = self.create_guard_condition(self._drain_events,
-                                                      callback_group=self._events_cb)
         self._start_status_timer()
         if self.engine is not None and self.engine.config == config:
             # re-configure after an engine failure: same model, fresh session, no reload
@@ -251,7 +255,6 @@ class AssistantNode(LifecycleNode):
     # ------------------------------------------------------------------ lifecycle (cont.)
     @_logged_transition
     def on_activate(self, state) -> TransitionCallbackReturn:
-        from mossv_ros.msg import Question
         reliability = self._param('qos.image_reliability')
         if self.engine is not None and self.engine.state == 'error':
             # a lifecycle cycle (deactivate -> activate) recovers from an engine error
@@ -268,9 +271,11 @@ class AssistantNode(LifecycleNode):
         for msg_type, topic in topics:
             to_rgb = (convert.compressed_to_rgb if msg_type is CompressedImage
                       else convert.image_to_rgb)
+            events = SubscriptionEventCallbacks(incompatible_qos=functools.partial(
+                self._on_incompatible_qos, topic=topic))
             self._io.append(self.create_subscription(
                 msg_type, topic, functools.partial(self._ingest, to_rgb=to_rgb, topic=topic),
-                qos, callback_group=self._image_cb))
+                qos, callback_group=self._image_cb, event_callbacks=events))
         if not topics:
             self.get_logger().warning('no image topics (topics.images is empty): questions '
                                       'are answered from text only')
@@ -278,9 +283,6 @@ class AssistantNode(LifecycleNode):
         self._no_frame_timer = self.create_timer(NO_FRAME_WARNING_SEC, self._check_no_frames,
                                                  callback_group=self._events_cb,
                                                  clock=Clock(clock_type=ClockType.STEADY_TIME))
-        self._io.append(self.create_subscription(Question, '~/question', self._on_question,
-                                                 REQUEST_QOS,
-                                                 callback_group=self._service_cb))
         self.get_logger().info('active: listening on ' + ', '.join(
             s.topic_name for s in self._io if hasattr(s, 'topic_name')))
         self._active = True
@@ -382,6 +384,13 @@ class AssistantNode(LifecycleNode):
         self.engine.submit_frame(ev.Frame(rgb, stamp, msg.header.frame_id),
                                  stamp_sec=stamp_sec, admitted=True)
 
+    def _on_incompatible_qos(self, event, topic: str) -> None:
+        """A camera publisher this subscription can never match (rclpy QoS event)."""
+        self._warn('incompatible_qos', f'a publisher on {topic} has a QoS incompatible with '
+                   f'this node (policy {event.last_policy_kind.name}, {event.total_count} '
+                   'so far): no frame from it arrives; with a best-effort camera set '
+                   'qos.image_reliability:=best_effort')
+
     def _check_no_frames(self) -> None:
         """Once, some seconds after activation: no image yet? Say why if the graph shows it
         (a topic of another type under the expected name, frames on ``<topic>/compressed``)."""
@@ -400,6 +409,12 @@ class AssistantNode(LifecycleNode):
                     name + '/compressed', []):
                 hints.append(f'frames are published on {name}/compressed: set '
                              'topics.transport:=compressed')
+            if (ours == 'Image' and not other and self.count_publishers(name)
+                    and self._param('qos.image_reliability') == 'best_effort'):
+                hints.append(f'{name} has a publisher but nothing arrives: raw images between '
+                             'processes over best effort are mostly lost by the transport '
+                             '(README, QoS): use qos.image_reliability:=reliable with a '
+                             'reliable camera, or compressed images')
         self._warn('no_frames', f'no image in {NO_FRAME_WARNING_SEC:.0f} s since activation'
                    + (': ' + '; '.join(hints) if hints else ' (is the camera publishing?)'))
 
@@ -423,10 +438,8 @@ class AssistantNode(LifecycleNode):
         accepted, round_id, message = self._submit(msg.text, msg.request_id)
         if not accepted:
             self.get_logger().warning(f'question {msg.request_id!r} rejected: {message}')
-            from mossv_ros.msg import Answer
-            answer = Answer(request_id=msg.request_id, question=msg.text, is_final=True,
-                            end_reason=f'rejected: {message}')
-            self._pubs['answer'].publish(answer)
+            self._pubs['answer'].publish(convert.rejected_answer_msg(
+                msg.request_id, msg.text, message))
 
     def _on_reset(self, request, response):
         if self.engine is None:
@@ -473,10 +486,7 @@ class AssistantNode(LifecycleNode):
         elif isinstance(event, ev.AnswerEvent):
             pubs['answer'].publish(convert.answer_msg(event))
         elif isinstance(event, ev.RoundEvent) and event.kind == 'cancelled':
-            from mossv_ros.msg import Answer
-            pubs['answer'].publish(Answer(round_id=event.round_id, request_id=event.request_id,
-                                          question=event.question, is_final=True,
-                                          end_reason=f'cancelled: {event.reason}'))
+            pubs['answer'].publish(convert.cancelled_answer_msg(event))
         elif isinstance(event, ev.ErrorEvent):
             log = self.get_logger().error if event.fatal else self.get_logger().warning
             log(f'engine: {event.message}')
