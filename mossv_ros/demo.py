@@ -68,7 +68,7 @@ class _LoadBar:
 def run_demo(ns) -> int:
     from sensor_msgs.msg import Image
 
-    from .cli import default_model_dir, random_tiny_model_dir
+    from .model_dirs import default_model_dir, random_tiny_model_dir
     from .ros.client import AnswerView
     from .ros.node import AssistantNode
 
