@@ -274,7 +274,8 @@ class StreamingEngine:
         if self.state != 'ready':
             detail = f': {self.stats_data.last_error}' if self.state == 'error' else ''
             return False, 0, f'engine not ready (state {self.state}){detail}'
-        num_tokens, limit = len(self.runner.question_ids(cleaned)), self.max_question_tokens()
+        ids = tuple(self.runner.question_ids(cleaned))
+        num_tokens, limit = len(ids), self.max_question_tokens()
         if num_tokens > limit:  # checked here: in the session it would wipe everyone's rounds
             return False, 0, (f'question has {num_tokens} tokens, limit is {limit} (the text '
                               'context cache.max_context_tokens must also hold the answer)')
@@ -283,7 +284,8 @@ class StreamingEngine:
             if len(self._questions) >= self.config.max_pending_questions:
                 old = self._questions.popleft()
                 self._cancel(old, 'superseded by a newer question (queue full)')
-            self._questions.append(Question(cleaned, request_id, round_id, time.monotonic()))
+            self._questions.append(Question(cleaned, request_id, round_id, time.monotonic(),
+                                            token_ids=ids))
             self.stats_data.num_rounds_started += 1
             self._cv.notify_all()
         return True, round_id, f'accepted as round {round_id}'
@@ -521,7 +523,7 @@ class StreamingEngine:
         tokens = [] if self._pending is None else [self._pending]
         self._end_round(END_INTERRUPTED if self._utterance else END_SILENCE)
         self._set_mode(SILENT)
-        tokens += self.runner.question_ids(question.text)
+        tokens += list(question.token_ids)
         self._round = _Round(question.round_id, question.request_id, question.text,
                              question.submit_ts, quiet_since_ts=time.monotonic())
         self._emit(RoundEvent(question.round_id, question.request_id, 'started',

@@ -5,7 +5,7 @@ copied untouched from input to output (the ROS layer uses ``builtin_interfaces/T
 ``*_ts`` values are ``time.monotonic()`` seconds inside the engine. They are never mixed.
 """
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 # Why an utterance or round ended (Answer.end_reason).
 END_SILENCE = 'silence'
@@ -43,6 +43,7 @@ class Question:
     request_id: str = ''
     round_id: int = 0
     submit_ts: float = 0.0
+    token_ids: Tuple[int, ...] = ()  # the user turn, tokenized once at submit
 
 
 @dataclass
