@@ -413,3 +413,114 @@ def test_answer_without_frames_says_minus_one():
     msg = convert.answer_msg(ev.AnswerEvent(3, 'r', 0, 'q?', 'text', True, 'silence', -1, -1,
                                             ev.FrameRef()))
     assert (msg.first_frame_index, msg.last_frame_index) == (-1, -1)
+
+
+@pytest.mark.ros
+def test_sim_time_without_clock_is_said_and_gap_is_nan(ros_context, tiny_checkpoint):
+    """Issue 16 items 7 and 12: with use_sim_time and no /clock, one frame was taken in 20 s,
+    silently, and frame_gap_sec read -1.8e9 s."""
+    pytest.importorskip('rclpy')
+    import math
+
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    from mossv_ros.msg import Status
+    from .ros_helpers import assistant_in_process, spin_until, teardown_assistant
+    node, executor = assistant_in_process(ros_context, tiny_checkpoint, use_sim_time=True)
+    import rclpy
+    probe = rclpy.create_node('simtime_probe', context=ros_context)
+    status = []
+    probe.create_subscription(Status, '/mossv_assistant/status', status.append, 100)
+    try:
+        ok = TransitionCallbackReturn.SUCCESS
+        assert node.trigger_configure() == ok and node.trigger_activate() == ok
+        from sensor_msgs.msg import Image
+        import numpy as np
+        for _ in range(3):
+            node._ingest(Image(height=8, width=8, encoding='rgb8', step=24,
+                               data=np.zeros((8, 8, 3), np.uint8).tobytes()),
+                         to_rgb=__import__('mossv_ros.ros.convert', fromlist=['x']).image_to_rgb,
+                         topic='image')
+        assert spin_until(probe, lambda: any('use_sim_time' in s.warning for s in status), 10)
+        last = status[-1]
+        assert last.num_frames_received == 0 and math.isnan(last.frame_gap_sec)
+    finally:
+        teardown_assistant(executor, node, probe)
+
+
+@pytest.mark.ros
+@pytest.mark.parametrize('param,expect,code', [
+    ({'qos': {'image_reliability': 'bogus'}}, "qos.image_reliability='bogus' is invalid", 1),
+    ({'topics': {'images': []}}, 'no image topics', 0)])
+def test_bad_or_empty_topic_parameters_are_said(tiny_checkpoint, tmp_path, param, expect,
+                                                code):
+    """Issue 16 item 15: a bogus reliability in a params file failed activation and the
+    process stayed up, inactive, forever; an empty topic list was ignored."""
+    pytest.importorskip('rclpy')
+    import yaml
+
+    from .ros_helpers import start_node, stop
+    params = tmp_path / 'params.yaml'
+    params.write_text(yaml.safe_dump({'/**': {'ros__parameters': param}}))
+    proc = start_node('--model', str(tiny_checkpoint), '--device', 'cpu', '--params-file',
+                      str(params))
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if 'active: listening' in line or 'exiting' in line or len(lines) > 200:
+            break
+    if proc.poll() is None and code == 0:
+        rc, _, out = stop(proc)
+    else:
+        out, _ = proc.communicate(timeout=30)
+        rc = proc.returncode
+    out = ''.join(lines) + out
+    assert rc == code and expect in out and 'Traceback' not in out, out
+
+
+@pytest.mark.ros
+def test_bag_play_ctrl_c_exits_cleanly(tmp_path, small_video):
+    """Issue 16 item 16: Ctrl-C of ``bag play`` printed an RCLError traceback and exited 1."""
+    pytest.importorskip('rclpy')
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .test_cli import mossv_ros
+    bag = tmp_path / 'bag'
+    assert mossv_ros('bag', 'from-video', str(small_video), str(bag)).returncode == 0
+    proc = subprocess.Popen([sys.executable, '-m', 'mossv_ros.cli', 'bag', 'play', str(bag),
+                             '--rate', '0.1', '--clock'], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    time.sleep(4.0)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 130 and 'Traceback' not in out, out
+
+
+@pytest.mark.ros
+@pytest.mark.slow
+def test_mossv_ros_ask_without_camera_exits_0_on_the_final_answer():
+    """Issue 16 item 2: ``mossv-ros ask`` with the toyworld model and no camera printed the
+    answer, then exited 2 after its timeout (the final Answer came at the next question)."""
+    pytest.importorskip('rclpy')
+    import time
+
+    from mossv_ros.toyworld import shipped_model_dir
+    from .ros_helpers import start_node, stop
+    from .test_cli import mossv_ros
+    proc = start_node('--model', str(shipped_model_dir()), '--device', 'cpu', '--ros-args',
+                      '-r', '__ns:=/asktest', '-p', 'round.close_after_sec:=2.0')
+    try:
+        t0 = time.monotonic()
+        res = mossv_ros('ask', 'What colour is the circle?', '--node',
+                        '/asktest/mossv_assistant', '--timeout', '60', timeout=90)
+        took = time.monotonic() - t0
+    finally:
+        stop(proc)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert 'final, ended by silence' in res.stdout, res.stdout
+    assert took < 40, took

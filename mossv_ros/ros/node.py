@@ -20,6 +20,7 @@ from rclpy.clock import Clock, ClockType
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
@@ -89,6 +90,12 @@ class AssistantNode(LifecycleNode):
         dynamic = ParameterDescriptor(dynamic_typing=True)
         for name, value in self._param_defaults.items():
             self.declare_parameter(name, value, dynamic)
+        # An empty YAML list (`topics.images: []`) arrives as a NOT_SET override, which
+        # rclpy drops in favour of the default: it means "none", so make it an empty list.
+        for name, override in self._parameter_overrides.items():
+            if (isinstance(self._param_defaults.get(name), list)
+                    and override.type_ == Parameter.Type.NOT_SET):
+                self.set_parameters([Parameter(name, Parameter.Type.STRING_ARRAY, [])])
         unknown = unknown_params(self._parameter_overrides, self._parameters)
         if unknown:
             self.get_logger().warning('unknown parameters, ignored: ' + ', '.join(unknown))
