@@ -425,6 +425,7 @@ def test_sim_time_without_clock_is_said_and_gap_is_nan(ros_context, tiny_checkpo
     from rclpy.lifecycle import TransitionCallbackReturn
 
     from mossv_ros.msg import Status
+
     from .ros_helpers import assistant_in_process, spin_until, teardown_assistant
     node, executor = assistant_in_process(ros_context, tiny_checkpoint, use_sim_time=True)
     import rclpy
@@ -434,8 +435,8 @@ def test_sim_time_without_clock_is_said_and_gap_is_nan(ros_context, tiny_checkpo
     try:
         ok = TransitionCallbackReturn.SUCCESS
         assert node.trigger_configure() == ok and node.trigger_activate() == ok
-        from sensor_msgs.msg import Image
         import numpy as np
+        from sensor_msgs.msg import Image
         for _ in range(3):
             node._ingest(Image(height=8, width=8, encoding='rgb8', step=24,
                                data=np.zeros((8, 8, 3), np.uint8).tobytes()),
@@ -510,6 +511,7 @@ def test_mossv_ros_ask_without_camera_exits_0_on_the_final_answer():
     import time
 
     from mossv_ros.toyworld import shipped_model_dir
+
     from .ros_helpers import start_node, stop
     from .test_cli import mossv_ros
     proc = start_node('--model', str(shipped_model_dir()), '--device', 'cpu', '--ros-args',
