@@ -422,26 +422,26 @@ def test_sim_time_without_clock_is_said_and_gap_is_nan(ros_context, tiny_checkpo
     pytest.importorskip('rclpy')
     import math
 
+    import numpy as np
+    import rclpy
     from rclpy.lifecycle import TransitionCallbackReturn
+    from sensor_msgs.msg import Image
 
     from mossv_ros.msg import Status
+    from mossv_ros.ros import convert
 
     from .ros_helpers import assistant_in_process, spin_until, teardown_assistant
     node, executor = assistant_in_process(ros_context, tiny_checkpoint, use_sim_time=True)
-    import rclpy
     probe = rclpy.create_node('simtime_probe', context=ros_context)
     status = []
     probe.create_subscription(Status, '/mossv_assistant/status', status.append, 100)
     try:
         ok = TransitionCallbackReturn.SUCCESS
         assert node.trigger_configure() == ok and node.trigger_activate() == ok
-        import numpy as np
-        from sensor_msgs.msg import Image
         for _ in range(3):
             node._ingest(Image(height=8, width=8, encoding='rgb8', step=24,
                                data=np.zeros((8, 8, 3), np.uint8).tobytes()),
-                         to_rgb=__import__('mossv_ros.ros.convert', fromlist=['x']).image_to_rgb,
-                         topic='image')
+                         to_rgb=convert.image_to_rgb, topic='image')
         assert spin_until(probe, lambda: any('use_sim_time' in s.warning for s in status), 10)
         last = status[-1]
         assert last.num_frames_received == 0 and math.isnan(last.frame_gap_sec)
