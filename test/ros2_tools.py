@@ -53,9 +53,18 @@ def ros2_env(**extra) -> dict:
     return env
 
 
+#: verbs that can work without the ros2 daemon: the tests never start one (a daemon left
+#: running, or one of another distro on the same domain id, hung a Jazzy CI run for 60 s)
+NO_DAEMON_VERBS = {('param', 'get'), ('param', 'set'), ('lifecycle', 'get'),
+                   ('lifecycle', 'set'), ('topic', 'echo'), ('topic', 'list'), ('node', 'list')}
+
+
 def ros2(*args, timeout: float = 60.0, env: Optional[dict] = None,
          check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``ros2 ARGS`` to completion (stdout and stderr together in ``.stdout``)."""
+    """Run ``ros2 ARGS`` to completion (stdout and stderr together in ``.stdout``), with
+    ``--no-daemon --spin-time 3`` where the verb takes them."""
+    if tuple(args[:2]) in NO_DAEMON_VERBS:  # discovery within the call: a few seconds
+        args = (*args[:2], '--no-daemon', '--spin-time', '3', *args[2:])
     proc = subprocess.run([str(BIN / 'ros2'), *args], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout,
                           env=env or ros2_env())
@@ -69,7 +78,12 @@ def ros2_retry(*args, until, timeout: float = 60.0, env: Optional[dict] = None) 
     end = time.monotonic() + timeout
     out = ''
     while time.monotonic() < end:
-        proc = ros2(*args, timeout=max(5.0, end - time.monotonic()), env=env, check=False)
+        try:  # one hung call must not eat the whole budget
+            proc = ros2(*args, timeout=max(5.0, min(20.0, end - time.monotonic())), env=env,
+                        check=False)
+        except subprocess.TimeoutExpired as exc:
+            out = f'timed out: {exc}'
+            continue
         out = proc.stdout
         if proc.returncode == 0 and until(out):
             return out
