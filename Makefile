@@ -5,9 +5,10 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup demo test test-jazzy bench lint clean toyworld toyworld-eval
 # The ROS tests run again on the Jazzy wheels (rclpy 7.x): node, executor, faults, bags,
-# toyworld through ROS, launch, ros2 CLI, colcon.
+# toyworld through ROS, launch, ros2 CLI, colcon, the hostile suite, action/diagnostics/overlay.
 JAZZY_TESTS = test/test_ros.py test/test_executor.py test/test_faults.py test/test_bag_e2e.py \
-	test/test_toyworld_ros.py test/test_launch.py test/test_ros2_cli.py test/test_colcon.py
+	test/test_toyworld_ros.py test/test_launch.py test/test_ros2_cli.py test/test_colcon.py \
+	test/test_hostile_ros.py test/test_robot_interfaces.py
 
 setup:
 	@bash scripts/setup_env.sh

@@ -1,4 +1,5 @@
 """Shared helpers of the benchmark scripts (not part of the package)."""
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -143,3 +144,28 @@ def decode_window(engine, images, fps: float, window_s: float):
     tokens = [e for e in drain(engine) if isinstance(e, TokenEvent)
               and t0 <= e.emit_ts <= t0 + window_s]
     return len(tokens) / window_s, list(engine.frame_latencies)[n_lat:]
+
+
+@contextlib.contextmanager
+def assistant_node(tiny_path, *parameters):
+    """An activated in-process ``AssistantNode`` on the tiny model (CPU, float32) in its own
+    rclpy context, plus ``parameters`` (``rclpy.parameter.Parameter``); yields (node, context)
+    and stops the engine, destroys the node and shuts the context down afterwards."""
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    from mossv_ros.ros.node import AssistantNode
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    node = AssistantNode(context=ctx, parameter_overrides=[
+        Parameter('model.path', value=str(tiny_path)), Parameter('engine.device', value='cpu'),
+        Parameter('engine.dtype', value='float32'), *parameters])
+    try:
+        node.trigger_configure()
+        node.trigger_activate()
+        yield node, ctx
+    finally:
+        node._close_io()
+        node._stop_engine()
+        node.destroy_node()
+        rclpy.try_shutdown(context=ctx)

@@ -6,12 +6,12 @@ medians over repeats, warm-up excluded. Prints tables, writes ``bench/results/cp
 ``bench/results/cpu_*.png``. Run with ``make bench`` (about 10 minutes on 2 cores).
 """
 import argparse
-import contextlib
 import tempfile
 import threading
 import time
 
 from common import (  # bench/ is on sys.path when run as a script
+    assistant_node,
     count_params,
     decode_window,
     drain,
@@ -188,31 +188,6 @@ def bench_memory(path, num_frames, budget):
 
 
 # ----------------------------------------------------------------------------- 4. ROS
-@contextlib.contextmanager
-def assistant_node(tiny_path, *parameters):
-    """An activated in-process ``AssistantNode`` on the tiny model (CPU, float32) in its own
-    rclpy context, plus ``parameters`` (``rclpy.parameter.Parameter``); yields (node, context)
-    and stops the engine, destroys the node and shuts the context down afterwards."""
-    import rclpy
-    from rclpy.parameter import Parameter
-
-    from mossv_ros.ros.node import AssistantNode
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    node = AssistantNode(context=ctx, parameter_overrides=[
-        Parameter('model.path', value=str(tiny_path)), Parameter('engine.device', value='cpu'),
-        Parameter('engine.dtype', value='float32'), *parameters])
-    try:
-        node.trigger_configure()
-        node.trigger_activate()
-        yield node, ctx
-    finally:
-        node._close_io()
-        node._stop_engine()
-        node.destroy_node()
-        rclpy.try_shutdown(context=ctx)
-
-
 def bench_ros(tiny_path, decode_step_s):
     """Per-image callback cost (1920x1080 rgb8 at 30 Hz, subsampled to 1 Hz) and per-token
     publish cost of the node, against the engine's decode step."""

@@ -34,6 +34,7 @@ from .events import (
     EngineStats,
     ErrorEvent,
     Frame,
+    FrameEvent,
     FrameRef,
     Question,
     RoundEvent,
@@ -218,6 +219,11 @@ class StreamingEngine:
                 self._cv.notify_all()
         return self._limiter.accept(stamp_sec)
 
+    def topic_stamps(self) -> dict:
+        """{topic: its newest stamp, seconds} of every camera topic seen."""
+        with self._cv:
+            return self._stamps.topic_stamps()
+
     def last_stamp_sec(self) -> Optional[float]:
         """Newest image stamp admitted or checked, seconds (None before any)."""
         with self._cv:
@@ -323,6 +329,20 @@ class StreamingEngine:
         with self._cv:
             self._controls.append(('end_rounds', reason))
             self._cv.notify_all()
+
+    def cancel_round(self, round_id: int, reason: str) -> None:
+        """Cancel round ``round_id``: a waiting question is dropped (a cancelled RoundEvent);
+        the open round ends at the next token boundary with ``end_reason`` 'cancelled:
+        <reason>'; a round that already ended is left alone."""
+        with self._cv:
+            waiting = next((q for q in self._questions if q.round_id == round_id), None)
+            if waiting is not None:
+                self._questions.remove(waiting)
+            else:
+                self._controls.append(('cancel', (round_id, reason)))
+                self._cv.notify_all()
+        if waiting is not None:
+            self._cancel(waiting, reason)
 
     def reset(self, reason: str = 'requested') -> None:
         """Clear vision cache and dialogue at the next token boundary; recovers from ERROR."""
@@ -443,6 +463,10 @@ class StreamingEngine:
             self._end_round(END_SILENCE)  # silent, no frame for round.close_after_sec
         elif control is not None and control[0] == 'end_rounds':
             self._do_end_rounds(control[1])
+        elif control is not None and control[0] == 'cancel':
+            round_id, reason = control[1]
+            if self._round.round_id == round_id:
+                self._do_end_rounds(f'cancelled: {reason}', cancel_waiting=False)
         elif control is not None:
             self._do_reset(control[1])
         elif question is not None:
@@ -497,6 +521,7 @@ class StreamingEngine:
             self.frame_latencies.append(time.monotonic() - frame.arrival_ts)
             self._newest = FrameRef(encoded.frame_index, frame.stamp, frame.frame_id,
                                     frame.arrival_ts)
+            self._emit(FrameEvent(frame.image, self._newest))
             if self._round.first_frame_index < 0:
                 self._round.first_frame_index = encoded.frame_index
             self._round.quiet_since_ts = time.monotonic()
@@ -541,11 +566,12 @@ class StreamingEngine:
         self._history.clear()
         self._on_token(self._sample(logits))
 
-    def _do_end_rounds(self, reason: str) -> None:
+    def _do_end_rounds(self, reason: str, cancel_waiting: bool = True) -> None:
         if self._mode == SPEAKING:  # stop mid-utterance: yield to silence, as at max tokens
             self._pending = self.runner.special.silence
         self._end_round(reason)
-        self._cancel_pending(reason)
+        if cancel_waiting:
+            self._cancel_pending(reason)
         self._set_mode(SILENT)
 
     def _do_reset(self, reason: str) -> None:

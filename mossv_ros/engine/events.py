@@ -116,6 +116,18 @@ class RoundEvent:
 
 
 @dataclass
+class FrameEvent:
+    """A frame went into the vision cache and conditions the tokens from now on.
+
+    :ivar image: the RGB uint8 (H, W, 3) image as received (before letterboxing; shared,
+        never modified); ``source`` says its frame index, stamp and frame_id.
+    """
+
+    image: Any
+    source: FrameRef
+
+
+@dataclass
 class SessionResetEvent:
     """The session was cleared (vision cache and dialogue); ``reason`` says why."""
 

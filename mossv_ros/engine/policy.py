@@ -125,6 +125,10 @@ class StampPolicy:
         self._last[topic] = max(last, stamp_sec)
         return STAMP_OK
 
+    def topic_stamps(self) -> dict:
+        """{topic: its newest stamp, seconds} (a copy)."""
+        return dict(self._last)
+
     def last_stamp_sec(self) -> Optional[float]:
         """Newest stamp of any topic (None before the first frame)."""
         return max(self._last.values()) if self._last else None

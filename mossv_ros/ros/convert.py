@@ -91,6 +91,15 @@ def stamp_to_sec(stamp) -> float:
     return stamp.sec + stamp.nanosec * 1e-9
 
 
+def header_of(source: ev.FrameRef):
+    """``std_msgs/Header`` with the stamp and frame_id of ``source`` (zero stamp if none)."""
+    from std_msgs.msg import Header
+    header = Header(frame_id=source.frame_id)
+    if source.stamp is not None:
+        header.stamp = source.stamp
+    return header
+
+
 def _header(msg, source: ev.FrameRef):
     if source.stamp is not None:
         msg.header.stamp = source.stamp

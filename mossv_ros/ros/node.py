@@ -13,9 +13,10 @@ import threading
 import time
 from typing import Callable, List, Optional
 
+from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 import rclpy
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.clock import Clock, ClockType
 from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.executors import ExternalShutdownException
@@ -28,7 +29,10 @@ from ..engine import events as ev
 from ..engine.config import EngineConfig
 from ..engine.engine import StreamingEngine
 from . import convert
+from .action import AnswerQuestionServer
+from .diagnostics import diagnostic_array
 from .executor import MultiThreadedExecutor
+from .overlay import OverlayPublisher, OverlayText
 from .params import (
     coerce_param,
     engine_config_from_params,
@@ -150,6 +154,22 @@ class AssistantNode(LifecycleNode):
         self._question_sub = self.create_subscription(
             Question, '~/question', self._on_question, REQUEST_QOS,
             callback_group=self._service_cb)
+        # Robot interfaces: the action (every state, like ~/ask), /diagnostics, ~/overlay.
+        self._answer_action = AnswerQuestionServer(self, self._submit, self._cancel_round,
+                                                   callback_group=ReentrantCallbackGroup())
+        self._diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        self._diagnostics_timer = None
+        self._overlay = OverlayPublisher(self.create_publisher(Image, '~/overlay',
+                                                               qos_profile_sensor_data))
+        self._say = OverlayText()
+        self._overlay_frame: Optional[ev.FrameEvent] = None  # the newest frame taken
+        self._camera_counts = {}  # topic -> [images received, invalid]
+        self._start_timers()
+
+    def destroy_node(self):
+        self._overlay.close()
+        self._answer_action.destroy()
+        return super().destroy_node()
 
     # ------------------------------------------------------------------ lifecycle
     @_logged_transition
@@ -162,7 +182,7 @@ class AssistantNode(LifecycleNode):
             self.get_logger().error(f'invalid parameters: {exc}')
             return TransitionCallbackReturn.FAILURE
         self.engine_config = config
-        self._start_status_timer()
+        self._start_timers(status=True)
         if self.engine is not None and self.engine.config == config:
             # re-configure after an engine failure: same model, fresh session, no reload
             self.engine.reset('reconfigured')
@@ -201,16 +221,22 @@ class AssistantNode(LifecycleNode):
                                f'attention: {runner.attn_implementation})')
         return TransitionCallbackReturn.SUCCESS
 
-    def _start_status_timer(self) -> None:
-        """(Re)start the Status timer at ``status.period_sec``. It runs on the steady clock:
-        with use_sim_time and no /clock yet (a bag not playing) a ROS-time timer would never
-        fire and the node would look dead."""
-        if self._status_timer is not None:
-            self.destroy_timer(self._status_timer)
-        period = self._param('status.period_sec')
-        self._status_timer = self.create_timer(period, self._publish_status,
-                                               callback_group=self._events_cb,
-                                               clock=Clock(clock_type=ClockType.STEADY_TIME))
+    def _start_timers(self, status: bool = False) -> None:
+        """(Re)start the /diagnostics timer and, with ``status``, the Status timer, at
+        their periods. Both run on the steady clock: with use_sim_time and no /clock yet (a
+        bag not playing) a ROS-time timer would never fire and the node would look dead."""
+        steady = Clock(clock_type=ClockType.STEADY_TIME)
+        names = ['_diagnostics_timer'] + (['_status_timer'] if status else [])
+        for name in names:
+            if getattr(self, name) is not None:
+                self.destroy_timer(getattr(self, name))
+        self._diagnostics_timer = self.create_timer(
+            self._param('diagnostics.period_sec'), self._publish_diagnostics,
+            callback_group=self._events_cb, clock=steady)
+        if status:
+            self._status_timer = self.create_timer(
+                self._param('status.period_sec'), self._publish_status,
+                callback_group=self._events_cb, clock=steady)
 
     # ------------------------------------------------------------------ parameters
     def _param_values(self, changes: Optional[dict] = None) -> dict:
@@ -252,7 +278,7 @@ class AssistantNode(LifecycleNode):
         if not names or self._lifecycle_state() == 'unconfigured':
             return
         if 'status.period_sec' in names and self._status_timer is not None:
-            self._start_status_timer()
+            self._start_timers(status=True)
         if self.engine is not None and names - set(LIVE_NODE_PARAMS):
             config = engine_config_from_params(self._param_values())
             self.engine.update_config(config)
@@ -276,6 +302,7 @@ class AssistantNode(LifecycleNode):
                   for t in self._param('topics.images') if t]
         topics += [(CompressedImage, t) for t in self._param('topics.compressed_images') if t]
         for msg_type, topic in topics:
+            topic = self.resolve_topic_name(topic)  # one name per camera: logs, counts, stamps
             to_rgb = (convert.compressed_to_rgb if msg_type is CompressedImage
                       else convert.image_to_rgb)
             events = SubscriptionEventCallbacks(incompatible_qos=functools.partial(
@@ -342,6 +369,7 @@ class AssistantNode(LifecycleNode):
         if self.engine is not None:
             self.engine.stop(timeout=2.0)
             self._drain_events()
+            self._answer_action.abort_all('shutdown')  # goals the engine left without a final
             self.engine = None
             try:
                 import torch
@@ -361,10 +389,12 @@ class AssistantNode(LifecycleNode):
 
     def _on_image(self, msg: Image) -> None:
         """A raw image on the default topic (tests and in-process users call this)."""
-        self._ingest(msg, convert.image_to_rgb, 'image')
+        self._ingest(msg, convert.image_to_rgb, self.resolve_topic_name('image'))
 
     def _ingest(self, msg, to_rgb, topic: str) -> None:
         self._num_images_seen += 1
+        counts = self._camera_counts.setdefault(topic, [0, 0])
+        counts[0] += 1
         if self.engine is None:
             return
         stamp = msg.header.stamp
@@ -385,6 +415,7 @@ class AssistantNode(LifecycleNode):
             rgb = to_rgb(msg)
         except convert.ImageError as exc:
             self._num_invalid += 1
+            counts[1] += 1
             self._warn(exc.kind, f'skipped image ({exc.kind}): {exc} '
                        f'[{self._num_invalid} invalid so far]')
             return
@@ -436,6 +467,10 @@ class AssistantNode(LifecycleNode):
             return False, 0, 'model not loaded (set model.path)'
         return self.engine.submit_question(text, request_id)
 
+    def _cancel_round(self, round_id: int, reason: str) -> None:
+        if self.engine is not None:
+            self.engine.cancel_round(round_id, reason)
+
     def _on_ask(self, request, response):
         response.accepted, response.round_id, response.message = self._submit(
             request.prompt, request.request_id)
@@ -485,6 +520,9 @@ class AssistantNode(LifecycleNode):
         if not self.context.ok():
             return  # shutting down: nothing can be published any more
         pubs = self._pubs
+        if isinstance(event, (ev.TokenEvent, ev.AnswerEvent, ev.RoundEvent)):
+            self._answer_action.on_event(event)
+        self._update_overlay(event)
         if isinstance(event, ev.TokenEvent):
             self._newest = event.source
             pubs['tokens'].publish(convert.token_msg(event))
@@ -502,6 +540,57 @@ class AssistantNode(LifecycleNode):
                 self.trigger_deactivate()  # Active -> ErrorProcessing -> Unconfigured
         elif isinstance(event, ev.SessionResetEvent):
             self.get_logger().info(f'session reset: {event.reason}')
+
+    def _update_overlay(self, event) -> None:
+        """Keep what ~/overlay says current; hand a frame to the overlay thread when one
+        went into the cache (or an utterance ended), only while someone subscribes."""
+        say = self._say
+        if isinstance(event, ev.RoundEvent) and event.kind == 'started':
+            self._say = say = OverlayText(say.frame_index, event.round_id, 0, event.question)
+        elif isinstance(event, ev.TokenEvent):
+            if event.utterance_index != say.revision or event.round_id != say.round_id:
+                say.text = ''
+            say.round_id, say.revision = event.round_id, event.utterance_index
+            say.text += event.text
+        elif isinstance(event, ev.SilenceEvent) and event.is_silent:
+            say.text = ''
+        elif isinstance(event, ev.RoundEvent) and event.kind == 'ended':
+            self._say = say = OverlayText(say.frame_index)
+        if isinstance(event, ev.FrameEvent):
+            say.frame_index = event.source.frame_index
+            self._overlay_frame = event
+        frame = self._overlay_frame
+        if (frame is not None and isinstance(event, (ev.FrameEvent, ev.AnswerEvent))
+                and self._overlay.wanted()):
+            header = convert.header_of(frame.source)
+            self._overlay.submit(frame.image, header, OverlayText(**vars(say)))
+
+    def _publish_diagnostics(self) -> None:
+        engine = self.engine
+        if self._loading:
+            stats = ev.EngineStats(state='loading')
+        else:
+            stats = engine.stats() if engine else ev.EngineStats(state='unloaded')
+        model = {'path': str(self._param('model.path'))}
+        if engine is not None and engine.runner is not None:
+            cfg = engine.runner.config
+            model.update(device=cfg.device, dtype=cfg.dtype,
+                         attention=engine.runner.attn_implementation)
+        stamps = engine.topic_stamps() if engine else {}
+        cameras = [{'topic': topic, 'last_stamp_sec': stamps.get(topic),
+                    'received': self._camera_counts.get(topic, [0, 0])[0],
+                    'invalid': self._camera_counts.get(topic, [0, 0])[1]}
+                   for topic in self._camera_topics()]
+        now = self.get_clock().now()
+        self._diagnostics_pub.publish(diagnostic_array(
+            self.get_name(), now.to_msg(), model, stats, cameras,
+            self._param('diagnostics.camera_stale_sec'),
+            now.nanoseconds * 1e-9 if now.nanoseconds else None))
+
+    def _camera_topics(self) -> list:
+        """The camera topics as the image callbacks name them (while active: subscribed)."""
+        return [getattr(sub, 'topic_name', '') for sub in self._io
+                if hasattr(sub, 'msg_type') and sub.msg_type in (Image, CompressedImage)]
 
     def _publish_status(self) -> None:
         if 'status' not in self._pubs:

@@ -41,11 +41,13 @@ NODE_DEFAULTS = {
     'qos.image_reliability': 'best_effort',
     'status.period_sec': 1.0,
     'topics.transport': 'raw',
+    'diagnostics.period_sec': 1.0,
+    'diagnostics.camera_stale_sec': 2.0,
 }
 
 
 #: Node parameters applied while the node runs; all others need a new configure.
-LIVE_NODE_PARAMS = ('status.period_sec',)
+LIVE_NODE_PARAMS = ('status.period_sec', 'diagnostics.camera_stale_sec')
 RELIABILITIES = ('best_effort', 'reliable')
 #: image_transport names: 'raw' subscribes sensor_msgs/Image on each of topics.images,
 #: 'compressed' sensor_msgs/CompressedImage on ``<topic>/compressed``
@@ -120,6 +122,12 @@ def validate_node_params(values: dict) -> None:
             and 0.01 <= period <= 3600.0):
         raise ValueError(f'status.period_sec={period!r} is invalid: expected a float in '
                          '[0.01, 3600] (seconds)')
+    for name, low in (('diagnostics.period_sec', 0.1), ('diagnostics.camera_stale_sec', 0.01)):
+        value = values.get(name, NODE_DEFAULTS[name])
+        if not (isinstance(value, (int, float)) and math.isfinite(value)
+                and low <= value <= 3600.0):
+            raise ValueError(f'{name}={value!r} is invalid: expected a float in [{low}, 3600] '
+                             '(seconds)')
     transport = values.get('topics.transport', NODE_DEFAULTS['topics.transport'])
     if transport not in TRANSPORTS:
         raise ValueError(f'topics.transport={transport!r} is invalid: expected one of '
