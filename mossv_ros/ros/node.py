@@ -77,9 +77,11 @@ def _logged_transition(method):
 class AssistantNode(LifecycleNode):
     """Managed node ``mossv_assistant``: configure loads the model, activate opens the I/O.
 
-    Topics (relative, remappable): subscribes ``image`` (parameter ``topics.images``) and
-    ``~/question``; publishes ``~/tokens``, ``~/silence``, ``~/answer``, ``~/status``.
-    Services: ``~/ask`` (Ask), ``~/reset`` (Reset).
+    Topics (relative, remappable): subscribes ``image`` (parameter ``topics.images``; or
+    ``image/compressed`` with ``topics.transport`` compressed) and ``~/question``; publishes
+    ``~/tokens``, ``~/silence``, ``~/answer``, ``~/status``, ``~/overlay`` and
+    ``/diagnostics``. Services: ``~/ask`` (Ask), ``~/reset`` (Reset). Action:
+    ``~/answer_question`` (AnswerQuestion).
     """
 
     def __init__(self, node_name: str = 'mossv_assistant',
@@ -111,12 +113,11 @@ class AssistantNode(LifecycleNode):
         self.engine_config: Optional[EngineConfig] = None
         self._io: List = []
         self._num_invalid = 0
-        self._num_images_seen = 0
+        self._num_images_seen = 0  # since the last activation (the no-frame warning)
         self._warning = ('', 0.0)  # (text, monotonic time) for Status.warning
         self._no_frame_timer = None
         self._error_log_ts = {}
         self._newest = ev.FrameRef()
-        self._requests = {}
         self._events_cb = MutuallyExclusiveCallbackGroup()
         self._image_cb = MutuallyExclusiveCallbackGroup()
         self._service_cb = MutuallyExclusiveCallbackGroup()
