@@ -100,6 +100,16 @@ if not MISSING:
         assert spin_until(node, lambda: any(s.state_text == 'ready' for s in status), 60), \
             [s.state_text for s in status]
         assert status[-1].model_name == 'toyworld'
+        # each argument did what it says: device and model_path override, params_file applies
+        from rcl_interfaces.srv import GetParameters
+        get = node.create_client(GetParameters, '/robot1/mossv_assistant/get_parameters')
+        assert get.wait_for_service(timeout_sec=30)
+        fut = get.call_async(GetParameters.Request(
+            names=['engine.device', 'model.path', 'round.close_after_frames']))
+        assert spin_until(node, fut.done, 15)
+        device, model, close = fut.result().values
+        assert (device.string_value, model.string_value, close.integer_value) == (
+            'cpu', toyworld_dir(), 2)
         cam = node.create_publisher(Image, '/cam/front', 10)
         assert spin_until(node, cam.get_subscription_count, 30), 'not listening on /cam/front'
         client = node.create_client(Ask, '/robot1/mossv_assistant/ask')
