@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 import logging
 from pathlib import Path
+import threading
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -162,6 +163,9 @@ class ModelRunner:
     def _setup(self, hf_model, tokenizer, impl: str, pool_stride: int) -> None:
         config = self.config
         self.tokenizer = tokenizer
+        # one encode at a time: callers' threads (submit) and the engine thread share it, and
+        # transformers' fast tokenizer sets backend state (split_special_tokens) per call
+        self._encode_lock = threading.Lock()
         #: ids of every special token (Llama-3 reserves 256), which user text must not yield
         self._special_ids = set(tokenizer.all_special_ids) | {
             i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
@@ -179,8 +183,9 @@ class ModelRunner:
     # ------------------------------------------------------------------ text helpers
     def tokenize(self, text: str) -> List[int]:
         """Token ids of grammar text: special-token strings in it become special ids.
-        Never for user text alone (see :meth:`question_ids`)."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        Never for user text alone (see :meth:`question_ids`). Thread-safe."""
+        with self._encode_lock:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def question_ids(self, question: str) -> List[int]:
         """Token ids of a mid-stream user turn (moss-model.md section 7.4 step 5); see
@@ -198,12 +203,14 @@ class ModelRunner:
 
         :param build: ``user_text -> full text``; must contain ``user_text`` once.
         """
-        user = self.tokenizer.encode(user_text, add_special_tokens=False)
+        with self._encode_lock:
+            user = self.tokenizer.encode(user_text, add_special_tokens=False)
         if not self._special_ids.intersection(user):
             return self.tokenize(build(user_text))
         before, after = build('\0').split('\0')
-        plain = self.tokenizer.encode(user_text, add_special_tokens=False,
-                                      split_special_tokens=True)
+        with self._encode_lock:  # split_special_tokens flips the shared backend's state
+            plain = self.tokenizer.encode(user_text, add_special_tokens=False,
+                                          split_special_tokens=True)
         return self.tokenize(before) + list(plain) + self.tokenize(after)
 
     def decode(self, ids: Sequence[int]) -> str:
