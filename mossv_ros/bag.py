@@ -317,11 +317,3 @@ def _publish_clock(pub, ns: int) -> None:
     from builtin_interfaces.msg import Time
     from rosgraph_msgs.msg import Clock
     pub.publish(Clock(clock=Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)))
-
-
-def read_summary(bag: str) -> Dict[str, Tuple[str, int]]:
-    """{topic: (msgtype, message count)} from a bag's metadata."""
-    from rosbags.rosbag2 import Reader
-
-    with Reader(bag) as reader:
-        return {c.topic: (c.msgtype, c.msgcount) for c in reader.connections}

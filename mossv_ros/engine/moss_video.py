@@ -8,7 +8,6 @@ position, q normed then rotated, k rotated then normed), cumulative visibility, 
 visible frame skipping the cross layers. The weights and sub-modules (Linear, RMSNorm, MLP,
 rotary table, vision encoder layers) are the stock ``MllamaForConditionalGeneration`` ones.
 """
-import math
 from typing import Optional
 
 import torch
@@ -292,8 +291,3 @@ def attn_gate(layer) -> torch.Tensor:
 def mlp_gate(layer) -> torch.Tensor:
     """tanh of the MLP gate of a stock cross decoder layer."""
     return layer.cross_attn_mlp_gate.tanh()
-
-
-def num_parameters(module: nn.Module) -> int:
-    """Total parameter count of ``module``."""
-    return sum(math.prod(p.shape) for p in module.parameters())

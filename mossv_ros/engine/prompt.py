@@ -36,10 +36,6 @@ IMAGE = '<|image|>'
 
 REQUIRED_SPECIAL_TOKENS = (BOS, START_HEADER, END_HEADER, EOT, SILENCE, ELLIPSIS, VIDEO, IMAGE)
 
-#: Queue-protocol strings of the upstream demo (moss-model.md section 6.2); not vocabulary tokens.
-ROUND_START = '<|round_start|>'
-ROUND_END = '<|round_end|>'
-
 
 def system_prompt_sha256(text: str = REALTIME_SYSTEM_PROMPT) -> str:
     """Return the hex sha256 of ``text`` encoded as UTF-8."""
