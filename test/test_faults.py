@@ -179,15 +179,19 @@ def test_context_budget_too_small_fails_configure_clearly(ros_context, tiny_chec
 
 
 def test_sigterm_during_generation_exits_cleanly_within_2s(ros_context, tiny_checkpoint):
-    from mossv_ros.msg import Question, Token
+    from mossv_ros.msg import Question, Status, Token
     proc = start_node('--model', str(tiny_checkpoint), '--device', 'cpu', '--ros-args',
                       '-p', 'sampling.max_new_tokens:=100000')
     node = rclpy.create_node('sigterm_probe', context=ros_context)
-    tokens = []
+    tokens, status = [], []
     node.create_subscription(Token, '/mossv_assistant/tokens', tokens.append, 100)
+    node.create_subscription(Status, '/mossv_assistant/status', status.append, 10)
     pub = node.create_publisher(Question, '/mossv_assistant/question', 10)
     try:
-        assert spin_until(node, lambda: pub.get_subscription_count(), 30)
+        # ~/question exists in every lifecycle state: wait until the model is ready (a
+        # question before that is rejected with "not ready")
+        assert spin_until(node, lambda: pub.get_subscription_count() and any(
+            s.state_text == 'ready' for s in status), 30)
         time.sleep(1.0)
         pub.publish(Question(request_id='long', text='Talk for a long time.'))
         assert spin_until(node, lambda: any(t.request_id == 'long' for t in tokens), 30)

@@ -60,9 +60,6 @@ class AnswerQuestionServer:
                                     cancel_callback=self._on_cancel,
                                     callback_group=callback_group)
 
-    def destroy(self) -> None:
-        self._server.destroy()
-
     async def _execute(self, handle):
         goal = handle.request
         with self._lock:

@@ -62,6 +62,19 @@ def _warnings_to(ros_logger):
         engine_log.removeHandler(handler)
 
 
+def _never_raises(method):
+    """For timer and event callbacks: an exception is logged (once per 10 s) and the node
+    goes on; it would otherwise end the executor's spin and the process."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - logged; the node must keep running
+            self._warn(f'callback:{method.__name__}',
+                       f'{method.__name__} failed: {type(exc).__name__}: {exc}')
+    return wrapper
+
+
 def _logged_transition(method):
     """rclpy swallows exceptions in transition callbacks; log them and return FAILURE."""
     @functools.wraps(method)
@@ -168,8 +181,7 @@ class AssistantNode(LifecycleNode):
         self._start_timers()
 
     def destroy_node(self):
-        self._overlay.close()
-        self._answer_action.destroy()
+        self._overlay.close()  # the action server is a waitable: destroy_node destroys it
         return super().destroy_node()
 
     # ------------------------------------------------------------------ lifecycle
@@ -249,7 +261,13 @@ class AssistantNode(LifecycleNode):
                 for name, value in values.items()}
 
     def _param(self, name: str):
-        return self._param_values()[name]
+        """One parameter, as its declared type. An invalid value (configure refuses it with
+        the reason) reads as the default here, so a timer never fails on it."""
+        default = self._param_defaults[name]
+        try:
+            return coerce_param(name, self.get_parameter(name).value, default)
+        except ValueError:
+            return default
 
     def _check_parameters(self, params) -> SetParametersResult:
         """Refuse an invalid value (the validation message is the reason) and, while the
@@ -430,6 +448,7 @@ class AssistantNode(LifecycleNode):
                    'so far): no frame from it arrives; with a best-effort camera set '
                    'qos.image_reliability:=best_effort')
 
+    @_never_raises
     def _check_no_frames(self) -> None:
         """Once, some seconds after activation: no image yet? Say why if the graph shows it
         (a topic of another type under the expected name, frames on ``<topic>/compressed``)."""
@@ -506,6 +525,7 @@ class AssistantNode(LifecycleNode):
         if guard is not None:
             guard.trigger()  # repeated triggers before the drain runs wake it once
 
+    @_never_raises
     def _drain_events(self) -> None:
         engine = self.engine
         if engine is None:
@@ -566,6 +586,7 @@ class AssistantNode(LifecycleNode):
             header = convert.header_of(frame.source)
             self._overlay.submit(frame.image, header, OverlayText(**vars(say)))
 
+    @_never_raises
     def _publish_diagnostics(self) -> None:
         engine = self.engine
         if self._loading:
@@ -593,6 +614,7 @@ class AssistantNode(LifecycleNode):
         return [getattr(sub, 'topic_name', '') for sub in self._io
                 if hasattr(sub, 'msg_type') and sub.msg_type in (Image, CompressedImage)]
 
+    @_never_raises
     def _publish_status(self) -> None:
         if 'status' not in self._pubs:
             return
