@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from .ros2_tools import (
+    BIN,
     interrupt,
     kill_group,
     missing_ros2_tools,
     processes_mentioning,
     ros2,
-    ros2_env,
     ros2_retry,
     start,
     wait_log,
@@ -141,7 +141,7 @@ def test_ros2_launch_params_file_alone_then_sigint(tmp_path):
     params = write_params(tmp_path / 'my.yaml', **{'model.path': toyworld_dir(),
                                                     'engine.device': 'cpu'})
     log = tmp_path / 'launch.log'
-    proc = start([str(Path(ros2_env()['PATH'].split(':')[0]) / 'ros2'), 'launch', 'mossv_ros',
+    proc = start([str(BIN / 'ros2'), 'launch', 'mossv_ros',
                   'assistant.launch.py', f'params_file:={params}'], log=log)
     try:
         out = wait_log(log, 'model ready', 60, proc)

@@ -39,6 +39,7 @@ from .params import (
     engine_defaults,
     is_live,
     LIVE_NODE_PARAMS,
+    live_summary,
     NODE_DEFAULTS,
     unknown_params,
     validate_node_params,
@@ -281,7 +282,7 @@ class AssistantNode(LifecycleNode):
             return SetParametersResult(successful=False, reason=(
                 f'{", ".join(fixed)} cannot change while the node is {state}: deactivate and '
                 'clean up the node (ros2 lifecycle set), set it, then configure again. Live '
-                'parameters: sampling.*, prompt.*, round.*, frames.rate_hz, status.period_sec'))
+                f'parameters: {live_summary(self._param_names)}'))
         try:
             values = self._param_values(ours)
             engine_config_from_params(values)

@@ -105,11 +105,24 @@ def unknown_params(given, known) -> list:
     import difflib
     out = []
     for name in sorted(set(given) - set(known)):
-        if name.startswith('qos_overrides.') or name == 'use_sim_time':
+        if name.startswith('qos_overrides.'):
             continue
         close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
         out.append(f'{name} (did you mean {close[0]}?)' if close else name)
     return out
+
+
+def live_summary(names) -> str:
+    """The live ones of ``names``, a group written ``group.*`` when all of it is live
+    (for messages; derived from :func:`is_live`, never a second list)."""
+    groups = {}
+    for name in names:
+        groups.setdefault(name.split('.')[0], []).append(name)
+    out = []
+    for group, members in groups.items():
+        live = [n for n in members if is_live(n)]
+        out += [f'{group}.*'] if live and len(live) == len(members) else live
+    return ', '.join(out)
 
 
 def validate_node_params(values: dict) -> None:
