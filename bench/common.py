@@ -79,9 +79,9 @@ def count_params(runner) -> int:
 
 
 def scene_images(n: int, width: int = 320, height: int = 240):
-    """``n`` frames of the package's generated scene, one per second of scene time."""
-    from mossv_ros.scene import render_frame
-    return [render_frame(float(i), width, height) for i in range(n)]
+    """``n`` camera frames of a toyworld episode, one world state per frame."""
+    from mossv_ros.toyworld.world import camera_frames
+    return camera_frames(n, width, height)
 
 
 def write_json(name: str, data: dict) -> Path:
@@ -97,10 +97,7 @@ def verdict(ok: bool) -> str:
 
 def drain(engine):
     """Take every queued engine event."""
-    out = []
-    while not engine.events.empty():
-        out.append(engine.events.get_nowait())
-    return out
+    return engine.poll_events()
 
 
 def speaking_engine(runner, cfg):

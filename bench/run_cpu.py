@@ -115,7 +115,7 @@ def bench_decode(runner, fps_list, window_s, rounds):
         deadline, i = time.monotonic() + 180, 0
         while time.monotonic() < deadline and (
                 engine.stats().num_frames_cached < cfg.max_frames
-                or engine._session.num_evicted_tokens == 0):
+                or engine.session.num_evicted_tokens == 0):
             if engine.stats().num_frames_cached < cfg.max_frames:
                 engine.submit_frame(Frame(images[i % len(images)], stamp=i,
                                           arrival_ts=time.monotonic()))
@@ -177,7 +177,7 @@ def bench_memory(path, num_frames, budget):
     ref = full[0]['rss_bytes'] if full else samples[0]['rss_bytes']
     later = [s['rss_bytes'] for s in full[1:]] or [ref]
     growth = (max(later) - ref) / ref
-    per_frame = engine._session.vision_cache.bytes_per_frame
+    per_frame = engine.session.vision_cache.bytes_per_frame
     print(f'    {num_frames} frames, budget {budget}: RSS {samples[0]["rss_bytes"] / 2**20:.0f}'
           f' -> {samples[-1]["rss_bytes"] / 2**20:.0f} MiB, growth after the cache filled '
           f'{growth * 100:+.2f} %, cache max {max(s["cache_bytes"] for s in samples) / 2**20:.2f}'
@@ -223,8 +223,9 @@ def bench_ros(tiny_path, decode_step_s):
             t0 = time.perf_counter()
             deserialize_message(raw, Image)
             deser.append(time.perf_counter() - t0)
-        event = TokenEvent(1, 'r', 0, 0, 42, 'word', FrameRef(1, None, 'cam', 0.0),
-                           time.monotonic())
+        event = TokenEvent(round_id=1, request_id='r', revision=0, token_index=0, token_id=42,
+                           text='word', source=FrameRef(1, None, 'cam', 0.0),
+                           emit_ts=time.monotonic())
         pub = []
         for _ in range(500):
             t0 = time.perf_counter()

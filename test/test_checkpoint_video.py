@@ -83,9 +83,7 @@ def test_real_video_frames_through_the_engine(tiny_checkpoint):
         time.sleep(0.05)
     time.sleep(0.3)
     engine.stop()
-    events = []
-    while not engine.events.empty():
-        events.append(engine.events.get())
+    events = engine.poll_events()
     assert len(stamps) >= 6 and engine.stats().num_frames_encoded == len(stamps)
     sourced = [e.source for e in events if isinstance(e, (ev.TokenEvent, ev.AnswerEvent))
                and e.source.frame_index >= 0]

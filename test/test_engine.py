@@ -66,10 +66,7 @@ def wait_for(cond, timeout=10.0):
 
 
 def drain(engine):
-    out = []
-    while not engine.events.empty():
-        out.append(engine.events.get())
-    return out
+    return engine.poll_events()
 
 
 def test_silence_waits_for_a_frame(tiny_checkpoint):
@@ -143,11 +140,11 @@ def test_eviction_keeps_memory_within_budget(tiny_checkpoint):
             assert wait_for(lambda: engine.stats().num_frames_encoded == i + 1)
         assert wait_for(lambda: sum(len(f) for _, f in log.calls) == 10)
         stats = engine.stats()
-        cache = engine._session.vision_cache
+        cache = engine.session.vision_cache
         assert stats.num_frames_cached == 3 and stats.num_frames_evicted == 7
         assert cache.frame_indices() == [0, 8, 9]  # sink frame + recent window
         assert stats.cache_bytes <= 3 * cache.bytes_per_frame + \
-            engine._session.kv_cache.used_bytes
+            engine.session.kv_cache.used_bytes
     finally:
         engine.stop()
 
@@ -252,10 +249,7 @@ def test_streamed_token_texts_add_up_to_the_answer_with_multibyte_utf8(tiny_chec
 
 
 def _events(engine):
-    out = []
-    while not engine.events.empty():
-        out.append(engine.events.get_nowait())
-    return out
+    return engine.poll_events()
 
 
 def test_device_oom_evicts_frames_and_continues(tiny_checkpoint):

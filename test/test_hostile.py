@@ -78,14 +78,10 @@ def _engine(runner, **cfg):
 
 
 def _drain(engine, until, timeout=20.0):
-    import queue
     import time
     got, end = [], time.monotonic() + timeout
     while time.monotonic() < end:
-        try:
-            got.append(engine.events.get(timeout=0.05))
-        except queue.Empty:
-            pass
+        got += engine.poll_events(timeout=0.05)
         if until(got):
             break
     return got
@@ -409,8 +405,9 @@ def test_answer_without_frames_says_minus_one():
     pytest.importorskip('rclpy')
     from mossv_ros.engine import events as ev
     from mossv_ros.ros import convert
-    msg = convert.answer_msg(ev.AnswerEvent(3, 'r', 0, 'q?', 'text', True, 'silence', -1, -1,
-                                            ev.FrameRef()))
+    msg = convert.answer_msg(ev.AnswerEvent(
+        round_id=3, request_id='r', revision=0, question='q?', text='text', is_final=True,
+        end_reason='silence', first_frame_index=-1, last_frame_index=-1))
     assert (msg.first_frame_index, msg.last_frame_index) == (-1, -1)
 
 

@@ -70,7 +70,7 @@ def test_action_feedback_is_the_token_stream_and_result_the_answers(client):
     rid = res.result.round_id
     assert rid and feedback and all(f.round_id == rid for f in feedback)
     spin_until(node, lambda: any(a.round_id == rid and a.is_final for a in got['answer']), 5)
-    tokens = [(t.utterance_index, t.token_index, t.text) for t in got['tokens']
+    tokens = [(t.revision, t.token_index, t.text) for t in got['tokens']
               if t.round_id == rid]
     assert [(f.revision, f.token_index, f.token) for f in feedback] == tokens
     answers = {a.revision: a.text for a in got['answer'] if a.round_id == rid}

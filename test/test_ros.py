@@ -16,7 +16,7 @@ PUBLISHER = textwrap.dedent("""
     rclpy.init()
     node = rclpy.create_node('roundtrip_pub')
     msgs = {
-        'token': Token(round_id=3, request_id='r', utterance_index=1, token_index=7,
+        'token': Token(round_id=3, request_id='r', revision=1, token_index=7,
                        token_id=42, text='héllo'),
         'silence': Silence(round_id=3, state=Silence.STATE_SILENT, frame_index=9,
                            previous_duration_sec=1.5),

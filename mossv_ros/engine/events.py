@@ -5,6 +5,7 @@ copied untouched from input to output (the ROS layer uses ``builtin_interfaces/T
 ``*_ts`` values are ``time.monotonic()`` seconds inside the engine. They are never mixed.
 """
 from dataclasses import dataclass, field
+import enum
 from typing import Any, Optional, Tuple
 
 # Why an utterance or round ended (Answer.end_reason).
@@ -15,6 +16,15 @@ END_CANCELLED = 'cancelled'
 END_RESET = 'reset'
 END_ERROR = 'error'
 END_SHUTDOWN = 'shutdown'
+
+
+class EngineState(enum.StrEnum):
+    """Engine lifecycle (``Status.state_text``): a StrEnum, so it compares equal to its name."""
+
+    UNLOADED = 'unloaded'
+    LOADING = 'loading'  # the model loads or the session prefill runs
+    READY = 'ready'
+    ERROR = 'error'  # the engine thread stopped; ``reset()`` restarts it
 
 
 @dataclass
@@ -56,13 +66,13 @@ class FrameRef:
     arrival_ts: float = 0.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TokenEvent:
     """One streamed token (maps to ``mossv_ros/Token``)."""
 
     round_id: int
     request_id: str
-    utterance_index: int
+    revision: int  # the utterance of the round it belongs to (AnswerEvent.revision)
     token_index: int
     token_id: int
     text: str
@@ -70,7 +80,7 @@ class TokenEvent:
     emit_ts: float = 0.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SilenceEvent:
     """The model went silent (``is_silent``) or resumed speaking (maps to ``mossv_ros/Silence``).
 
@@ -84,7 +94,7 @@ class SilenceEvent:
     source: FrameRef = field(default_factory=FrameRef)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AnswerEvent:
     """A complete utterance of a round: revision 0 is the answer, 1.. later revisions."""
 
@@ -100,7 +110,7 @@ class AnswerEvent:
     source: FrameRef = field(default_factory=FrameRef)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RoundEvent:
     """A round (question) started, ended or was cancelled.
 
@@ -163,7 +173,7 @@ class RoundMetrics:
 class EngineStats:
     """Snapshot of engine counters for Status (all counts since engine start)."""
 
-    state: str = 'unloaded'
+    state: str = EngineState.UNLOADED
     model_name: str = 'none'
     current_round_id: int = 0
     num_frames_received: int = 0
@@ -183,3 +193,5 @@ class EngineStats:
     num_stamp_outliers: int = 0
     last_error: str = ''
     last_metrics: Optional[RoundMetrics] = None
+    #: the newest frame in the vision cache (index, stamp, frame_id)
+    newest_frame: FrameRef = field(default_factory=FrameRef)

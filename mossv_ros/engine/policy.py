@@ -1,40 +1,23 @@
-"""Pure scheduling helpers (no torch, no rclpy): frame subsampling and prompt validation."""
+"""Pure admission rules (no torch, no rclpy): stamps, frame subsampling, prompt validation."""
 import math
 from typing import Optional, Tuple
 import unicodedata
 
 
-class FrameRateLimiter:
-    """Keep frames at most ``rate_hz`` apart in stamp time (moss-model.md section 7.3).
+def frame_due(last_sec: Optional[float], stamp_sec: float, period_sec: float,
+              tolerance: float = 0.05) -> bool:
+    """Is a frame stamped ``stamp_sec`` due, the last fed one being stamped ``last_sec``?
+    Frames are kept at least ``period_sec`` (1 / ``frames.rate_hz``, moss-model.md section
+    7.3) apart in stamp time, less ``tolerance`` of a period for jitter.
 
     Uses the frames' own stamps (camera or sim time), so a bag replayed faster than real time
-    is subsampled exactly as live.
+    is subsampled exactly as live. A stamp before the last one is too soon (another camera's
+    frame a few ms earlier, jitter); a real jump back in time is :class:`StampPolicy`'s to
+    decide. :param last_sec: None when no frame was fed since the session (re)started.
     """
-
-    def __init__(self, rate_hz: float, tolerance: float = 0.05) -> None:
-        self.period_sec = 1.0 / rate_hz
-        self.tolerance = tolerance
-        self.last_sec: Optional[float] = None
-
-    def accept(self, stamp_sec: float) -> bool:
-        """True if a frame stamped ``stamp_sec`` (seconds) should be fed to the model.
-
-        A stamp before the last accepted one is too soon (another camera's frame a few ms
-        earlier, jitter); a real jump back in time is :class:`StampPolicy`'s to decide,
-        which then calls :meth:`reset`.
-        """
-        if not math.isfinite(stamp_sec):
-            return False
-        if self.last_sec is None:
-            self.last_sec = stamp_sec
-            return True
-        if stamp_sec - self.last_sec >= self.period_sec * (1.0 - self.tolerance):
-            self.last_sec = stamp_sec
-            return True
+    if not math.isfinite(stamp_sec):
         return False
-
-    def reset(self) -> None:
-        self.last_sec = None
+    return last_sec is None or stamp_sec - last_sec >= period_sec * (1.0 - tolerance)
 
 
 def validate_prompt(text, max_chars: int) -> Tuple[bool, str, str]:

@@ -86,7 +86,7 @@ class AnswerQuestionServer:
         if goal is None:
             return
         if isinstance(event, ev.TokenEvent):
-            revision = event.utterance_index
+            revision = event.revision
             goal.texts[revision] = goal.texts.get(revision, '') + event.text
             if goal.first_stamp is None:
                 goal.first_stamp = event.source.stamp

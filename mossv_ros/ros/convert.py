@@ -24,14 +24,6 @@ class ImageError(ValueError):
         self.kind = kind
 
 
-def _cv_bridge():
-    try:
-        from cv_bridge import CvBridge  # ROS 2 distro only (PyPI's copy is ROS 1)
-        return CvBridge()
-    except Exception:  # noqa: BLE001 - fall back to rosbags-image
-        return None
-
-
 def image_to_rgb(msg) -> np.ndarray:
     """``sensor_msgs/Image`` -> uint8 (H, W, 3) RGB.
 
@@ -110,7 +102,7 @@ def _header(msg, source: ev.FrameRef):
 def token_msg(event: ev.TokenEvent):
     from mossv_ros.msg import Token
     msg = Token(round_id=event.round_id, request_id=event.request_id,
-                utterance_index=event.utterance_index, token_index=event.token_index,
+                revision=event.revision, token_index=event.token_index,
                 token_id=event.token_id, text=event.text)
     return _header(msg, event.source)
 
@@ -154,7 +146,7 @@ def cancelled_answer_msg(event: ev.RoundEvent):
 STATUS_STATES = {'unloaded': 0, 'loading': 1, 'ready': 2, 'error': 3}
 
 
-def status_msg(stats: ev.EngineStats, num_invalid_frames: int, newest: ev.FrameRef,
+def status_msg(stats: ev.EngineStats, num_invalid_frames: int,
                frame_gap_sec: float = math.nan, warning: str = ''):
     from mossv_ros.msg import Status
     m = stats.last_metrics or ev.RoundMetrics()
@@ -173,4 +165,4 @@ def status_msg(stats: ev.EngineStats, num_invalid_frames: int, newest: ev.FrameR
                  num_oom_events=stats.num_oom_events,
                  num_stamp_outliers=stats.num_stamp_outliers, last_error=stats.last_error,
                  warning=warning)
-    return _header(msg, newest)
+    return _header(msg, stats.newest_frame)

@@ -8,7 +8,6 @@ import functools
 import itertools
 import logging
 import math
-import queue
 import threading
 import time
 from typing import Callable, List, Optional
@@ -131,7 +130,6 @@ class AssistantNode(LifecycleNode):
         self._warning = ('', 0.0)  # (text, monotonic time) for Status.warning
         self._no_frame_timer = None
         self._error_log_ts = {}
-        self._newest = ev.FrameRef()
         self._events_cb = MutuallyExclusiveCallbackGroup()
         self._image_cb = MutuallyExclusiveCallbackGroup()
         self._service_cb = MutuallyExclusiveCallbackGroup()
@@ -531,11 +529,7 @@ class AssistantNode(LifecycleNode):
         engine = self.engine
         if engine is None:
             return
-        while True:
-            try:
-                event = engine.events.get_nowait()
-            except queue.Empty:
-                return
+        for event in engine.poll_events():
             self._publish_event(event)
 
     def _publish_event(self, event) -> None:
@@ -546,7 +540,6 @@ class AssistantNode(LifecycleNode):
             self._answer_action.on_event(event)
         self._update_overlay(event)
         if isinstance(event, ev.TokenEvent):
-            self._newest = event.source
             pubs['tokens'].publish(convert.token_msg(event))
         elif isinstance(event, ev.SilenceEvent):
             pubs['silence'].publish(convert.silence_msg(event))
@@ -570,9 +563,9 @@ class AssistantNode(LifecycleNode):
         if isinstance(event, ev.RoundEvent) and event.kind == 'started':
             self._say = say = OverlayText(say.frame_index, event.round_id, 0, event.question)
         elif isinstance(event, ev.TokenEvent):
-            if event.utterance_index != say.revision or event.round_id != say.round_id:
+            if event.revision != say.revision or event.round_id != say.round_id:
                 say.text = ''
-            say.round_id, say.revision = event.round_id, event.utterance_index
+            say.round_id, say.revision = event.round_id, event.revision
             say.text += event.text
         elif isinstance(event, ev.SilenceEvent) and event.is_silent:
             say.text = ''
@@ -629,8 +622,8 @@ class AssistantNode(LifecycleNode):
         gap = math.nan if last is None or now_ns == 0 else max(0.0, now_ns * 1e-9 - last)
         text, ts = self._warning
         warning = text if text and time.monotonic() - ts < 30.0 else ''
-        self._pubs['status'].publish(convert.status_msg(stats, self._num_invalid, self._newest,
-                                                        gap, warning))
+        self._pubs['status'].publish(convert.status_msg(stats, self._num_invalid, gap,
+                                                        warning))
 
     def _model_name(self) -> str:
         path = str(self._param('model.path'))

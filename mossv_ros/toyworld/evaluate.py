@@ -148,12 +148,7 @@ def stream_episode(engine, episode: Episode, stamp_base: float = 0.0,
     answers = []  # (frame, round_id, revision, is_final, text) in emit order
 
     def drain():
-        import queue
-        while True:
-            try:
-                ev = engine.events.get_nowait()
-            except queue.Empty:
-                return
+        for ev in engine.poll_events():
             # (a reset ends the previous episode's round: its closing event is older)
             if isinstance(ev, AnswerEvent) and ev.source.stamp is not None \
                     and ev.source.stamp >= stamp_base:

@@ -1,0 +1,293 @@
+"""The engine's inbox: every input queue, and the one lock and condition that guard them.
+
+Pure Python (no torch). Any thread may put input in (camera callbacks, service handlers); the
+encoder thread takes raw frames out and puts encoded ones back; the engine thread takes the
+next item to act on. Frame admission lives here, with its state: per-topic stamp checks
+(:class:`~.policy.StampPolicy`: a real jump back in time queues a session reset), then, on the
+one stamp of the last frame fed, subsampling to ``frames.rate_hz`` (:func:`~.policy.frame_due`)
+and the camera-gap policy (``frames.reset_after_gap_sec``).
+"""
+from collections import deque
+from dataclasses import dataclass
+import enum
+import logging
+import math
+import threading
+import time
+from typing import Any, Optional, Tuple
+
+from .config import EngineConfig
+from .events import Frame, Question
+from .policy import (
+    frame_due,
+    STAMP_HELD,
+    STAMP_JUMPED_AHEAD,
+    STAMP_JUMPED_BACK,
+    StampPolicy,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Control(enum.Enum):
+    """Control requests, acted on at the next token boundary before questions and frames."""
+
+    RESET = 'reset'  # arg: reason
+    END_ROUNDS = 'end_rounds'  # arg: reason
+    CANCEL = 'cancel'  # arg: (round_id, reason)
+
+
+@dataclass
+class InboxCounts:
+    """Input counters (Status totals), written under the inbox lock only."""
+
+    num_frames_received: int = 0
+    num_frames_encoded: int = 0
+    num_dropped_frames: int = 0
+    num_stamp_outliers: int = 0
+    num_rounds_started: int = 0  # questions accepted
+    num_questions_cancelled: int = 0  # waiting questions superseded or cancelled
+    longest_frame_gap_sec: float = 0.0
+
+
+@dataclass
+class Item:
+    """What the engine thread acts on next: exactly one of the fields is set."""
+
+    control: Optional[Tuple[Control, Any]] = None
+    question: Optional[Question] = None
+    frame: Optional[Tuple[Frame, Any]] = None  # (frame, its encoded frame from the runner)
+
+
+class Inbox:
+    """Input queues of one engine.
+
+    :param config: the engine configuration (``frame_rate_hz``, ``max_frame_queue``,
+        ``max_pending_questions``, ``reset_after_gap_sec``, ``reset_on_backwards_stamp``);
+        :meth:`update_config` replaces it.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.cv = threading.Condition()
+        self.config = config
+        self.counts = InboxCounts()
+        self._frames: deque = deque()  # raw, for the encoder
+        self._ready: deque = deque()  # (frame, encoded), for the engine
+        self._questions: deque = deque()
+        self._controls: deque = deque()
+        self._stamps = StampPolicy()
+        #: stamp of the last frame admitted, seconds: the rate limit and camera gaps use it
+        self._last_fed_stamp: Optional[float] = None
+        self._rate_free = True  # the next frame is due whatever its stamp (new session, jump)
+        self._gap_reason = ''  # camera-gap reset reason of the frame admitted last
+        self._next_frame_index = 0
+        self._idle = False  # the engine thread waits with nothing to do
+        self._encoding = False  # the encoder thread holds a popped frame
+        self.closed = False
+
+    def update_config(self, config: EngineConfig) -> None:
+        with self.cv:
+            self.config = config
+
+    def close(self) -> None:
+        """Wake every waiter for good (engine stopping)."""
+        with self.cv:
+            self.closed = True
+            self.cv.notify_all()
+
+    def open(self) -> None:
+        with self.cv:
+            self.closed = False
+
+    # ------------------------------------------------------------------ frames in
+    def admit(self, stamp_sec: float, topic: str = '') -> bool:
+        """Should a frame of ``topic`` stamped ``stamp_sec`` (seconds) be fed? Commits on True.
+
+        Per-topic jump and outlier checks, then subsampling to ``frames.rate_hz``; a real
+        jump back in time queues a session reset when ``reset_on_backwards_stamp``.
+        """
+        with self.cv:
+            return self._admit_locked(stamp_sec, topic)
+
+    def _admit_locked(self, stamp_sec: float, topic: str) -> bool:
+        if not math.isfinite(stamp_sec):
+            return False
+        stamps, outliers = self._stamps, self._stamps.num_outliers
+        verdict = stamps.check(topic, stamp_sec)
+        if stamps.num_outliers != outliers:
+            self.counts.num_stamp_outliers = stamps.num_outliers
+            log.warning('dropped one frame of %r whose stamp was off its timeline (an outlier;'
+                        ' %d so far)', topic, stamps.num_outliers)
+        if verdict == STAMP_HELD:
+            return False
+        if verdict in (STAMP_JUMPED_BACK, STAMP_JUMPED_AHEAD):
+            self._rate_free = True
+            if verdict == STAMP_JUMPED_BACK and self.config.reset_on_backwards_stamp:
+                log.warning('stamps of %r jumped back in time: resetting the session', topic)
+                self._controls.append((Control.RESET, 'stamp jumped backwards'))
+                self.cv.notify_all()
+        if not (self._rate_free
+                or frame_due(self._last_fed_stamp, stamp_sec, 1.0 / self.config.frame_rate_hz)):
+            return False
+        self._gap_reason = self._note_gap(stamp_sec)
+        self._rate_free = False
+        return True
+
+    def put_frame(self, frame: Frame, stamp_sec: float, admitted: bool) -> bool:
+        """Queue ``frame`` for the encoder unless :meth:`admit` refuses it (``admitted``:
+        already accepted). The oldest queued frame is dropped (and counted) on overflow.
+        :returns: True if queued."""
+        with self.cv:
+            if not admitted and not self._admit_locked(stamp_sec, ''):
+                return False
+            frame.reset_reason, self._gap_reason = self._gap_reason, ''
+            if len(self._frames) >= self.config.max_frame_queue:
+                self._frames.popleft()
+                self.counts.num_dropped_frames += 1
+            self._frames.append(frame)
+            self.counts.num_frames_received += 1
+            self.cv.notify_all()
+        return True
+
+    def _note_gap(self, t: float) -> str:
+        """Track the gap between fed frames (stamp seconds). :returns: a reset reason when
+        the gap exceeds ``reset_after_gap_sec`` (the session restarts right before this
+        frame, after the frames queued ahead of it), else ''."""
+        last, self._last_fed_stamp = self._last_fed_stamp, t
+        if last is None or t <= last:
+            return ''
+        gap = t - last
+        c = self.counts
+        c.longest_frame_gap_sec = max(c.longest_frame_gap_sec, gap)
+        limit = self.config.reset_after_gap_sec
+        if limit and gap > limit:
+            log.info('no frame for %.1f s (> frames.reset_after_gap_sec %.1f): new session',
+                     gap, limit)
+            return f'camera gap of {gap:.1f} s'
+        return ''
+
+    def topic_stamps(self) -> dict:
+        """{topic: its newest stamp, seconds} of every camera topic seen."""
+        with self.cv:
+            return self._stamps.topic_stamps()
+
+    def last_stamp_sec(self) -> Optional[float]:
+        """Newest image stamp admitted or checked, seconds (None before any)."""
+        with self.cv:
+            return self._stamps.last_stamp_sec()
+
+    def reset_rate_limit(self) -> None:
+        """The session restarted: the next frame is fed whatever its stamp."""
+        with self.cv:
+            self._rate_free = True
+
+    # ------------------------------------------------------------------ encoder side
+    def take_frame_to_encode(self, may_encode) -> Optional[Tuple[Frame, int]]:
+        """Block until a raw frame is queued and ``may_encode()`` (a session exists), then
+        pop it with its frame index. :returns: None once closed."""
+        with self.cv:
+            while not self.closed and not (self._frames and may_encode()):
+                self.cv.wait(0.05)
+            if self.closed:
+                return None
+            index = self._next_frame_index
+            self._next_frame_index += 1
+            self._encoding = True
+            return self._frames.popleft(), index
+
+    def put_encoded(self, frame: Frame, encoded) -> None:
+        """The encoder's result for the engine (None: the frame could not be encoded)."""
+        with self.cv:
+            self._encoding = False
+            if encoded is None:
+                self.counts.num_dropped_frames += 1
+            else:
+                if len(self._ready) >= self.config.max_frame_queue:
+                    self._ready.popleft()
+                    self.counts.num_dropped_frames += 1
+                self._ready.append((frame, encoded))
+                self.counts.num_frames_encoded += 1
+            self.cv.notify_all()
+
+    # ------------------------------------------------------------------ questions, controls
+    def put_question(self, question_of) -> Tuple[Question, Optional[Question]]:
+        """Queue the question ``question_of(round_id)`` builds, under the lock (so round ids
+        are queued in order). :returns: (question, the oldest waiting one it superseded or
+        None: the queue holds ``max_pending_questions``)."""
+        with self.cv:
+            question = question_of()
+            self.counts.num_rounds_started += 1
+            old = None
+            if len(self._questions) >= self.config.max_pending_questions:
+                old = self._questions.popleft()
+                self.counts.num_questions_cancelled += 1
+            self._questions.append(question)
+            self.cv.notify_all()
+            return question, old
+
+    def remove_question(self, round_id: int) -> Optional[Question]:
+        """Take the waiting question of ``round_id`` out (counted as cancelled); None when it
+        is not waiting (it started already, or ended)."""
+        with self.cv:
+            waiting = next((q for q in self._questions if q.round_id == round_id), None)
+            if waiting is not None:
+                self._questions.remove(waiting)
+                self.counts.num_questions_cancelled += 1
+            return waiting
+
+    def take_questions(self) -> list:
+        """Every waiting question, now removed (the caller cancels them)."""
+        with self.cv:
+            out = list(self._questions)
+            self._questions.clear()
+            return out
+
+    def put_control(self, kind: Control, arg) -> None:
+        with self.cv:
+            self._controls.append((kind, arg))
+            self.cv.notify_all()
+
+    # ------------------------------------------------------------------ engine side
+    def next_item(self, wait: bool, timeout: float = 0.1) -> Item:
+        """The next thing for the engine thread: a control, else a question, else an
+        encoded frame. With ``wait`` (the model is silent: nothing to decode) and nothing
+        queued, the engine counts as idle and this waits up to ``timeout`` seconds.
+
+        :returns: an :class:`Item`; all fields None when nothing came.
+        """
+        with self.cv:
+            if self._controls:
+                item = Item(control=self._controls.popleft())
+            elif self._questions:
+                item = Item(question=self._questions.popleft())
+            elif self._ready:
+                item = Item(frame=self._ready.popleft())
+            else:
+                item = Item()
+                if wait and not self.closed:
+                    self._idle = True
+                    self.cv.notify_all()
+                    self.cv.wait(timeout)
+            self._idle = False
+            return item
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until every input was consumed and the engine waits for more.
+
+        :returns: True when idle, False on timeout or once closed.
+        """
+        end = time.monotonic() + timeout
+        with self.cv:
+            while True:
+                if (self._idle and not self._encoding
+                        and not (self._frames or self._ready or self._questions
+                                 or self._controls)):
+                    return True
+                left = end - time.monotonic()
+                if left <= 0 or self.closed:
+                    return False
+                self.cv.wait(min(left, 0.05))
+
+    def snapshot(self) -> InboxCounts:
+        with self.cv:
+            return InboxCounts(**vars(self.counts))
