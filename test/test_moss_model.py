@@ -114,11 +114,11 @@ def test_query_must_be_rotated_on_cache_only_steps(tiny_runner, monkeypatch):
     ids, image_pos, images = _script(tiny_runner)
     states = mv.encode_vision(tiny_runner.pixel_values(images))
     ref = reference_forward(mv, torch.tensor([ids]), states, image_pos)
-    real_rotate = moss_video._rotate
+    real_rotate = moss_video.rotate_cross_query
 
-    def no_query_rotation(x, cos, sin):  # keys go through finalize_keys with q_len == 1 rows
-        return x if x.shape[1] == mv.num_heads else real_rotate(x, cos, sin)
-    monkeypatch.setattr(moss_video, '_rotate', no_query_rotation)
+    def no_query_rotation(q, cos, sin):  # the upstream bug: decode rows (q_len 1) unrotated
+        return q if q.shape[2] == 1 else real_rotate(q, cos, sin)
+    monkeypatch.setattr(moss_video, 'rotate_cross_query', no_query_rotation)
     buggy = _stream(tiny_runner, mv, ids, image_pos, mv.cross_kv(states), [1] * len(ids))
     assert (buggy[image_pos[0]:] - ref[image_pos[0]:]).abs().max() > 1e-4
 
@@ -192,3 +192,14 @@ def test_vision_cache_stores_kv_heads_only(tiny_runner):
     per_frame = session.vision_cache.bytes_per_frame
     # 2 cross layers x (K, V) x 2 KV heads x 5 tokens x 16 dims x 4 bytes
     assert per_frame == 2 * 2 * mv.num_kv_heads * 5 * 16 * 4
+
+
+def test_build_tiny_model_leaves_the_callers_config_alone():
+    import copy
+
+    from mossv_ros.engine.tiny import build_tiny_model, tiny_config_dict
+    config = tiny_config_dict()
+    before = copy.deepcopy(config)
+    model = build_tiny_model(config)
+    assert config == before  # transformers 5 adds rope_theta to the rope_scaling it is given
+    assert model.config.text_config.rope_scaling['rope_type'] == 'llama3'

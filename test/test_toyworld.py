@@ -249,13 +249,13 @@ def test_scene_probe_reads_image_rows_and_stays_out_of_the_checkpoint(tmp_path):
     trainer = Trainer(build_tiny_model(model_config(cfg, sp), seed=0), tok, sp, cfg)
     eps = [make_episode(7, num_frames=6), make_episode(8, num_frames=9)]
     batch = trainer.collate(eps)
-    rows, real = trainer.image_rows(batch[2])  # the rows the probes read
+    rows, real = trainer.image_rows(batch.frame_pos)  # the rows the probes read
     assert int(real.sum()) == 15
-    assert bool((batch[0].gather(1, rows)[real] == sp['<|image|>']).all())
-    assert torch.equal(batch[6][batch[4]][real],
+    assert bool((batch.ids.gather(1, rows)[real] == sp['<|image|>']).all())
+    assert torch.equal(batch.scenes[batch.frame_map][real],
                        torch.from_numpy(np.stack([scene_labels(s) for e in eps
                                                   for s in e.states])))
-    changed = change_labels(batch[6][batch[4]])
+    changed = change_labels(batch.scenes[batch.frame_map])
     for b, e in enumerate(eps):
         for t in range(1, e.num_frames):
             before, now = e.states[t - 1], e.states[t]

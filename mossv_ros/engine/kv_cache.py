@@ -8,6 +8,30 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+#: text position given to a free vision-cache slot: beyond any row, so never visible
+FREE_SLOT_POS = np.iinfo(np.int64).max
+
+
+def cumulative_visibility(frame_pos: torch.Tensor, row_pos: torch.Tensor,
+                          tokens_per_frame: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The cumulative cross-attention mask (moss-model.md section 5.5): a row at text position
+    p sees exactly the frames whose ``<|image|>`` position ``p_f <= p``. The streaming forward
+    (one row batch over the vision cache) and the toyworld trainer (a batch of episodes) both
+    build their masks here.
+
+    :param frame_pos: int64 (..., frames), each frame's ``<|image|>`` position (a slot or
+        padding frame that no row may see gets a position beyond every row).
+    :param row_pos: int64 (..., rows), the rows' text positions (same leading dims).
+    :param tokens_per_frame: vision tokens per frame (101 at 11B).
+    :returns: (mask, sees): bool (..., rows, frames * tokens_per_frame), True = attend, and
+        bool (..., rows), the row sees at least one frame. A row that sees nothing gets an
+        all-True mask row (softmax stays finite); the caller skips the layer for it.
+    """
+    visible = frame_pos[..., None, :] <= row_pos[..., :, None]  # (..., rows, frames)
+    sees = visible.any(-1)
+    mask = visible.repeat_interleave(tokens_per_frame, dim=-1) | ~sees[..., None]
+    return mask, sees
+
 
 class CacheFullError(RuntimeError):
     """Raised when a write would exceed a cache's preallocated capacity."""
@@ -169,16 +193,15 @@ class VisionCache:
         """
         if self.num_frames == 0:
             return None, None
-        pos = np.asarray(positions, dtype=np.int64)
         slot_pos = self.slot_pos[:self.high_water]
-        vis = (slot_pos[None, :] >= 0) & (slot_pos[None, :] <= pos[:, None])  # (rows, slots)
-        sees = vis.any(axis=1)
-        if vis.all():
+        slot_pos = np.where(slot_pos >= 0, slot_pos, FREE_SLOT_POS)
+        mask, sees = cumulative_visibility(torch.from_numpy(slot_pos),
+                                           torch.as_tensor(np.asarray(positions, np.int64)),
+                                           self.tokens_per_frame)
+        if bool(sees.all()) and bool(mask.all()):
             return None, None
-        vis[~sees] = True
-        mask = torch.from_numpy(np.repeat(vis, self.tokens_per_frame, axis=1)).to(self.device)
-        row_sees = None if sees.all() else torch.from_numpy(sees).to(self.device)
-        return mask, row_sees
+        row_sees = None if bool(sees.all()) else sees.to(self.device)
+        return mask.to(self.device), row_sees
 
     @property
     def used_bytes(self) -> int:

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from transformers.models.mllama.modeling_mllama import (
-    apply_rotary_pos_emb,
     repeat_kv,
     rotate_half,
 )
@@ -22,10 +21,29 @@ from transformers.models.mllama.modeling_mllama import (
 from .kv_cache import TextKVCache, VisionCache
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on ``x`` of shape (batch, heads, len, head_dim) with cos/sin (batch, len, head_dim)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE: ``x * cos + rotate_half(x) * sin``, cos/sin broadcast to ``x`` (..., head_dim)."""
     return x * cos + rotate_half(x) * sin
+
+
+def rotate_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``x`` of shape (batch, heads, len, head_dim) with cos/sin (batch, len, head_dim)."""
+    return rotate(x, cos.unsqueeze(1), sin.unsqueeze(1))
+
+
+def rotate_cross_query(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The cross-attention query, already q-normed, rotated at its text position: on every
+    row, prefill and decode alike (section 4.3; upstream skips it on cache-only steps)."""
+    return rotate_heads(q, cos, sin)
+
+
+def normed_cross_keys(cross_attn: nn.Module, keys: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> torch.Tensor:
+    """Cross keys rotated to their frame's ``<|image|>`` position, then k_norm (section 4.3).
+
+    :param keys: raw ``k_proj`` keys (..., head_dim); cos/sin broadcast to them.
+    """
+    return cross_attn.k_norm(rotate(keys, cos, sin))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
@@ -211,8 +229,9 @@ class MossVideoModel(nn.Module):
         cos, sin = self.text.rotary_emb(keys, pos)  # (1, 1, head_dim)
         out = []
         for i, layer_id in enumerate(self.cross_layer_ids):
-            k = _rotate(keys[i][None], cos, sin)  # (1, kv_heads, T, head_dim)
-            out.append(self.text.layers[layer_id].cross_attn.k_norm(k)[0])
+            k = normed_cross_keys(self.text.layers[layer_id].cross_attn, keys[i][None],
+                                  cos.unsqueeze(1), sin.unsqueeze(1))  # (1, kv_heads, T, hd)
+            out.append(k[0])
         return torch.stack(out)
 
     # ------------------------------------------------------------------ text path
@@ -251,35 +270,65 @@ class MossVideoModel(nn.Module):
         return self.lm_head(self.text.norm(x)).float()
 
     def _self_layer(self, layer, slot: int, x, cos, sin, kv_cache: TextKVCache, start: int):
-        attn = layer.self_attn
-        residual = x
-        h = layer.input_layernorm(x)
-        q_len = h.shape[1]
-        q = attn.q_proj(h).view(1, q_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(1, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(1, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        keys, values = kv_cache.write(slot, start, k, v)  # (1, kv_heads, start + q, head_dim)
-        out = attend(q, keys, values, None, self.attn_implementation, attn.scaling, causal=True)
-        h = attn.o_proj(out.reshape(1, q_len, -1))
-        x = residual + h
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        def attention(q, k, v):  # the new rows attend to the cache and to themselves
+            keys, values = kv_cache.write(slot, start, k, v)  # (1, kv_heads, start + q, hd)
+            return attend(q, keys, values, None, self.attn_implementation,
+                          layer.self_attn.scaling, causal=True)
+        return self.self_layer(layer, x, cos, sin, attention)[0]
 
     def _cross_layer(self, layer, slot: int, x, cos, sin, vision_cache: VisionCache,
                      vis_mask: Optional[torch.Tensor], row_sees_frame: Optional[torch.Tensor]):
-        attn = layer.cross_attn
-        residual = x
+        def attention(q):
+            keys, values = vision_cache.layer_kv(slot)  # (1, kv_heads, slots * T, head_dim)
+            return attend(q, keys, values, vis_mask, self.cross_attn_implementation,
+                          layer.cross_attn.scaling)
+        sees = None if row_sees_frame is None else row_sees_frame[None]
+        return self.cross_layer(layer, x, cos, sin, attention, sees)
+
+    # ------------------------------------------------------------------ layers (batched)
+    def self_layer(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   attention):
+        """One self-attention decoder layer (stock Llama math), batch-aware and differentiable;
+        the streaming forward and the toyworld trainer both run it.
+
+        :param x: (batch, q_len, hidden). :param cos: (batch, q_len, head_dim); ``sin`` too.
+        :param attention: ``attention(q, k, v) -> (batch, q_len, heads, head_dim)`` over the
+            rows' rotated q, k and v (batch, heads, q_len, head_dim): attends to whatever
+            keys come before (a KV cache, a shared prefix) and to the rows causally.
+        :returns: (x, k, v): the layer output and this chunk's rotated keys and values.
+        """
+        attn = layer.self_attn
+        b, q_len, _ = x.shape
         h = layer.input_layernorm(x)
-        q_len = h.shape[1]
-        q = attn.q_proj(h).view(1, q_len, self.num_heads, self.head_dim).transpose(1, 2)
-        q = _rotate(attn.q_norm(q), cos, sin)  # normed, then ALWAYS rotated (section 4.3)
-        keys, values = vision_cache.layer_kv(slot)  # (1, kv_heads, slots * T, head_dim)
-        out = attend(q, keys, values, vis_mask, self.cross_attn_implementation, attn.scaling)
-        h = attn.o_proj(out.reshape(1, q_len, -1))
-        y = residual + attn_gate(layer) * h
+        q = attn.q_proj(h).view(b, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rotate_heads(q, cos, sin), rotate_heads(k, cos, sin)
+        x = x + attn.o_proj(attention(q, k, v).reshape(b, q_len, -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x)), k, v
+
+    def cross_layer(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    attention, row_sees_frame: Optional[torch.Tensor]) -> torch.Tensor:
+        """One gated cross-attention decoder layer with MOSS RoPE (sections 4.3-4.5),
+        batch-aware and differentiable; the streaming forward and the trainer both run it.
+
+        The query is q-normed, then ALWAYS rotated at its text position; keys come rotated
+        and k-normed (:func:`normed_cross_keys`) inside ``attention``.
+
+        :param attention: ``attention(q) -> (batch, q_len, heads, head_dim)`` over the frames
+            each row sees (cumulative mask, :func:`~.kv_cache.cumulative_visibility`).
+        :param row_sees_frame: bool (batch, q_len); rows that see no frame skip the layer
+            (None: every row sees one).
+        """
+        attn = layer.cross_attn
+        b, q_len, _ = x.shape
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(b, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        q = rotate_cross_query(attn.q_norm(q), cos, sin)
+        y = x + attn_gate(layer) * attn.o_proj(attention(q).reshape(b, q_len, -1))
         y = y + mlp_gate(layer) * layer.mlp(layer.post_attention_layernorm(y))
-        if row_sees_frame is not None:  # rows with no visible frame skip the layer
-            y = torch.where(row_sees_frame[None, :, None], y, x)
+        if row_sees_frame is not None:
+            y = torch.where(row_sees_frame[..., None], y, x)
         return y
 
 

@@ -170,9 +170,16 @@ def build_tiny_model(config_dict: dict, seed: int = 0, gate_value: float = 0.5,
 
     Stock init sets every gate to zero, which hides cross-attention bugs; all gates are set to
     ``gate_value`` (moss-model.md section 9, test hygiene).
+
+    :param config_dict: a config.json mapping (:func:`tiny_config_dict`); left unchanged
+        (transformers 5 writes ``rope_theta`` into the ``rope_scaling`` it is given, so it
+        gets a copy).
     """
+    import copy
+
     from transformers import MllamaConfig, MllamaForConditionalGeneration
 
+    config_dict = copy.deepcopy(config_dict)
     config = MllamaConfig(text_config=config_dict['text_config'],
                           vision_config=config_dict['vision_config'],
                           image_token_index=config_dict['image_token_index'])

@@ -1,12 +1,14 @@
 """``mossv-ros toyworld train``: train the tiny MOSS architecture on toyworld transcripts.
 
-The training forward is the MOSS forward of :mod:`mossv_ros.engine.moss_video` written for
-batches and gradients (same sub-modules, same semantics: one tile per frame, CLS + 4x4 average
-pooling, cross-attention with the query rotated at its text position and keys rotated at the
-frame's ``<|image|>`` position then k-normed, cumulative visibility, rows with no visible frame
-skipping the cross layers; moss-model.md sections 4.2-4.5). The constant session prefix is run
-once per step without gradients and shared by the batch (its keys and values still follow the
-current weights).
+The training forward runs the layers of the streaming forward, :mod:`mossv_ros.engine.
+moss_video` (``vision_features``, ``pool``, ``self_layer``, ``cross_layer``,
+``normed_cross_keys``) and its mask (:func:`~mossv_ros.engine.kv_cache.cumulative_visibility`):
+one tile per frame, CLS + 4x4 average pooling, cross-attention with the query rotated at its
+text position and keys rotated at the frame's ``<|image|>`` position then k-normed, cumulative
+visibility, rows with no visible frame skipping the cross layers (moss-model.md sections
+4.2-4.5). Only the attention is the trainer's own: batched over episodes, with gradients into
+the frames' keys. The constant session prefix is run once per step without gradients and
+shared by the batch (its keys and values still follow the current weights).
 
 Loss: next-token cross-entropy on assistant tokens, ``<|silence|>`` targets weighted by
 ``silence_weight`` (``ForCausalLMLossWithSilence``, moss-model.md section 4.8), plus, with
@@ -33,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import prompt as grammar
-from ..engine.moss_video import _rotate, MossVideoModel, rotate_half
+from ..engine.kv_cache import cumulative_visibility
+from ..engine.moss_video import MossVideoModel, normed_cross_keys
 from ..engine.preprocess import to_pixel_values
 from ..engine.tiny import build_tiny_model, tiny_config_dict, write_tiny_checkpoint
 from .data import build_tokenizer, save_tokenizer, transcript
@@ -176,6 +179,75 @@ def quadrant_labels(state) -> np.ndarray:
     return out
 
 
+def causal_attention(layer):
+    """Self-attention of rows that are the whole sequence (the session prefix)."""
+    def attention(q, k, v):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             scale=layer.self_attn.scaling, enable_gqa=True)
+        return out.transpose(1, 2)
+    return attention
+
+
+def prefix_attention(layer, past):
+    """Self-attention of a batch of rows after a shared prefix whose (k, v), each
+    (1, kv_heads, p, head_dim), every episode sees."""
+    pk, pv = past
+
+    def attention(q, k, v):
+        b, n = q.shape[0], q.shape[2]
+        keys = torch.cat([pk.expand(b, -1, -1, -1), k], dim=2)
+        values = torch.cat([pv.expand(b, -1, -1, -1), v], dim=2)
+        p = pk.shape[2]
+        mask = torch.ones(n, p + n, dtype=torch.bool).tril(p)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                             scale=layer.self_attn.scaling, enable_gqa=True)
+        return out.transpose(1, 2)
+    return attention
+
+
+def frames_attention(mv: MossVideoModel, layer, states, frame_pos, mask):
+    """Cross-attention of a batch over each episode's frames, with gradients into the vision
+    side: keys and values projected from ``states`` (b, nf, T, hidden), keys rotated at each
+    frame's ``<|image|>`` position ``frame_pos`` (b, nf) and k-normed, ``mask`` from
+    :func:`~mossv_ros.engine.kv_cache.cumulative_visibility`."""
+    a = layer.cross_attn
+    b, nf, t = states.shape[:3]
+    k = a.k_proj(states).view(b, nf, t, mv.num_kv_heads, mv.head_dim)
+    v = a.v_proj(states).view(b, nf, t, mv.num_kv_heads, mv.head_dim)
+    fcos, fsin = mv.text.rotary_emb(k, frame_pos)  # (b, nf, head_dim)
+    k = normed_cross_keys(a, k, fcos[:, :, None, None], fsin[:, :, None, None])
+    k = k.permute(0, 3, 1, 2, 4).reshape(b, mv.num_kv_heads, nf * t, mv.head_dim)
+    v = v.permute(0, 3, 1, 2, 4).reshape(b, mv.num_kv_heads, nf * t, mv.head_dim)
+
+    def attention(q):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
+                                             scale=a.scaling, enable_gqa=True)
+        return out.transpose(1, 2)
+    return attention
+
+
+@dataclass
+class Batch:
+    """A collated batch of episodes (:meth:`Trainer.collate`); ``u`` unique frames.
+
+    :ivar ids: (b, n) int64 token ids after the shared prefix.
+    :ivar weights: (b, n) float32 loss weight of predicting each token.
+    :ivar frame_pos: (b, nf) int64 ``<|image|>`` positions (``PAD_FRAME_POS`` for padding).
+    :ivar pixels: (u, 3, H, W) float32 pixel values of the unique frames.
+    :ivar frame_map: (b, nf) int64 index of each frame into the unique ones.
+    :ivar quadrants: (u, 4, 2) int64 quadrant labels, see :func:`quadrant_labels`.
+    :ivar scenes: (u, len(KINDS)) int64 scene labels, see :func:`scene_labels`.
+    """
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+    frame_pos: torch.Tensor
+    pixels: torch.Tensor
+    frame_map: torch.Tensor
+    quadrants: torch.Tensor
+    scenes: torch.Tensor
+
+
 class Trainer:
     """Batched, differentiable MOSS forward over a stock ``MllamaForConditionalGeneration``."""
 
@@ -200,8 +272,9 @@ class Trainer:
 
     # -------------------------------------------------------------- text
     def _prefix_kv(self):
-        mv = self.mv
-        text = mv.text
+        """Keys and values of the shared session prefix per self-attention layer (None for
+        cross layers: no frame is visible in the prefix, so they are skipped)."""
+        mv, text = self.mv, self.mv.text
         with torch.no_grad():
             x = text.embed_tokens(self.prefix[None])
             pos = torch.arange(len(self.prefix))[None]
@@ -210,84 +283,42 @@ class Trainer:
             for i, layer in enumerate(text.layers):
                 if i in mv.cross_layer_ids:
                     kvs.append(None)
-                    continue  # no frame visible in the prefix: cross layers skipped
-                x, k, v = self._self_layer(layer, x, cos, sin, None)
+                    continue
+                x, k, v = mv.self_layer(layer, x, cos, sin, causal_attention(layer))
                 kvs.append((k, v))
         return kvs
 
-    def _self_layer(self, layer, x, cos, sin, past):
-        mv = self.mv
-        a = layer.self_attn
-        b, n, _ = x.shape
-        h = layer.input_layernorm(x)
-        q = a.q_proj(h).view(b, n, mv.num_heads, mv.head_dim).transpose(1, 2)
-        k = a.k_proj(h).view(b, n, mv.num_kv_heads, mv.head_dim).transpose(1, 2)
-        v = a.v_proj(h).view(b, n, mv.num_kv_heads, mv.head_dim).transpose(1, 2)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        if past is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=a.scaling,
-                                                 enable_gqa=True)
-        else:
-            pk, pv = past
-            keys = torch.cat([pk.expand(b, -1, -1, -1), k], dim=2)
-            values = torch.cat([pv.expand(b, -1, -1, -1), v], dim=2)
-            p = pk.shape[2]
-            mask = torch.ones(n, p + n, dtype=torch.bool).tril(p)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                                 scale=a.scaling, enable_gqa=True)
-        x = x + a.o_proj(out.transpose(1, 2).reshape(b, n, -1))
-        return x + layer.mlp(layer.post_attention_layernorm(x)), k, v
-
-    def _cross_layer(self, layer, x, cos, sin, states, frame_pos, mask, sees):
-        mv = self.mv
-        a = layer.cross_attn
-        b, n, _ = x.shape
-        nf, t = states.shape[1], states.shape[2]
-        h = layer.input_layernorm(x)
-        q = a.q_proj(h).view(b, n, mv.num_heads, mv.head_dim).transpose(1, 2)
-        q = _rotate(a.q_norm(q), cos, sin)
-        k = a.k_proj(states).view(b, nf, t, mv.num_kv_heads, mv.head_dim)
-        v = a.v_proj(states).view(b, nf, t, mv.num_kv_heads, mv.head_dim)
-        fcos, fsin = mv.text.rotary_emb(k, frame_pos)  # (b, nf, head_dim)
-        fcos, fsin = fcos[:, :, None, None], fsin[:, :, None, None]  # (b, nf, 1, 1, hd)
-        k = a.k_norm(k * fcos + rotate_half(k) * fsin)
-        k = k.permute(0, 3, 1, 2, 4).reshape(b, mv.num_kv_heads, nf * t, mv.head_dim)
-        v = v.permute(0, 3, 1, 2, 4).reshape(b, mv.num_kv_heads, nf * t, mv.head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None],
-                                             scale=a.scaling, enable_gqa=True)
-        y = x + layer.cross_attn_attn_gate.tanh() * a.o_proj(out.transpose(1, 2).reshape(b, n, -1))
-        y = y + layer.cross_attn_mlp_gate.tanh() * layer.mlp(layer.post_attention_layernorm(y))
-        return torch.where(sees[..., None], y, x)
-
-    def logits(self, batch, unique_states=None, hidden: Optional[list] = None) -> torch.Tensor:
+    def logits(self, batch: 'Batch', unique_states=None,
+               hidden: Optional[list] = None) -> torch.Tensor:
         """Float32 logits (b, n, vocab) of every row after the shared prefix, i.e. the
-        prediction of ``ids[:, i + 1]`` at row i (see :meth:`collate`).
+        prediction of ``ids[:, i + 1]`` at row i (see :meth:`collate`). The layers are the
+        streaming engine's (:meth:`MossVideoModel.self_layer`, :meth:`~MossVideoModel.
+        cross_layer`); only the attention differs: batched, over the shared prefix's keys
+        and the episode's frames.
 
-        :param unique_states: ``encode(pixels)`` if already computed.
+        :param unique_states: ``encode(batch.pixels)`` if already computed.
         :param hidden: if a list, the hidden states (b, n, hidden) after the first
             cross-attention layer and after the layer that follows it are appended to it."""
         mv, text = self.mv, self.mv.text
-        ids, _, frame_pos, pixels, frame_map = batch[:5]
+        ids, frame_pos = batch.ids, batch.frame_pos
         b, n = ids.shape
         p = len(self.prefix)
         if unique_states is None:
-            unique_states = self.encode(pixels)
-        states = unique_states[frame_map]  # (b, nf, T, hidden)
+            unique_states = self.encode(batch.pixels)
+        states = unique_states[batch.frame_map]  # (b, nf, T, hidden)
         past = self._prefix_kv()
         x = text.embed_tokens(ids)
         pos = torch.arange(p, p + n)[None].expand(b, -1)
         cos, sin = text.rotary_emb(x, pos)
-        t = states.shape[2]
-        visible = frame_pos[:, None, :] <= pos[:, :, None]  # (b, n, nf)
-        sees = visible.any(-1)
-        mask = visible.repeat_interleave(t, dim=2) | ~sees[..., None]
+        mask, sees = cumulative_visibility(frame_pos, pos, states.shape[2])
         for i, layer in enumerate(text.layers):
             if i in mv.cross_layer_ids:
-                x = self._cross_layer(layer, x, cos, sin, states, frame_pos, mask, sees)
+                attention = frames_attention(mv, layer, states, frame_pos, mask)
+                x = mv.cross_layer(layer, x, cos, sin, attention, sees)
                 if hidden is not None and i == mv.cross_layer_ids[0]:
                     hidden.append(x)
             else:
-                x, _, _ = self._self_layer(layer, x, cos, sin, past[i])
+                x, _, _ = mv.self_layer(layer, x, cos, sin, prefix_attention(layer, past[i]))
                 if hidden is not None and i == mv.cross_layer_ids[0] + 1:
                     hidden.append(x)
         return mv.lm_head(text.norm(x)).float()
@@ -305,8 +336,8 @@ class Trainer:
         gradients; parts maps 'lm' to the weighted next-token loss and, for the probes that are
         on, 'probe', 'scene' and 'change' to their losses; total = lm + ``aux_weight`` x probe
         + ``state_weight`` x scene + ``change_weight`` x change."""
-        ids, weights = batch[0], batch[1]
-        unique_states = self.encode(batch[3])
+        ids, weights = batch.ids, batch.weights
+        unique_states = self.encode(batch.pixels)
         hidden = [] if self.scene_probe is not None or self.change_probe is not None else None
         logits = self.logits(batch, unique_states, hidden)[:, :-1]
         w = weights[:, 1:].reshape(-1)
@@ -316,12 +347,12 @@ class Trainer:
         lm = (ce * w).sum() / w.sum().clamp_min(1e-6)
         total, parts = lm, {'lm': lm}
         if self.probe is not None:
-            parts['probe'] = self.probe.loss(unique_states, batch[5])
+            parts['probe'] = self.probe.loss(unique_states, batch.quadrants)
             total = total + self.cfg.aux_weight * parts['probe']
         if hidden is not None:
-            rows, real = self.image_rows(batch[2])
+            rows, real = self.image_rows(batch.frame_pos)
             rows = rows[..., None].expand(-1, -1, hidden[0].shape[-1])
-            scenes = batch[6][batch[4]]  # (b, nf, kinds)
+            scenes = batch.scenes[batch.frame_map]  # (b, nf, kinds)
         if self.scene_probe is not None:
             picked = hidden[0].gather(1, rows)[real]
             parts['scene'] = self.scene_probe.loss(picked, scenes[real])
@@ -334,11 +365,8 @@ class Trainer:
         return total, parts
 
     # -------------------------------------------------------------- data
-    def collate(self, episodes):
-        """Episodes -> (ids (b, n) int64, weights (b, n) float32, frame_pos (b, nf) int64,
-        pixels (u, 3, H, W) of the unique frames, frame_map (b, nf) int64 into them,
-        quadrant labels (u, 4, 2) int64 of the unique frames, see :func:`quadrant_labels`,
-        scene labels (u, len(KINDS)) int64 of the unique frames, see :func:`scene_labels`)."""
+    def collate(self, episodes) -> Batch:
+        """Episodes -> a :class:`Batch` (identical frames of an episode encoded once)."""
         cfg = self.cfg
         p = len(self.prefix)
         trs = [transcript(ep, self.tok, self.specials, cfg.silence_weight, seed=ep.seed,
@@ -364,8 +392,8 @@ class Trainer:
                     labels.append(quadrant_labels(state))
                     scenes.append(scene_labels(state))
                 frame_map[i, t] = unique[key]
-        return (ids, weights, frame_pos, torch.from_numpy(np.stack(pixels)), frame_map,
-                torch.from_numpy(np.stack(labels)), torch.from_numpy(np.stack(scenes)))
+        return Batch(ids, weights, frame_pos, torch.from_numpy(np.stack(pixels)), frame_map,
+                     torch.from_numpy(np.stack(labels)), torch.from_numpy(np.stack(scenes)))
 
 
 def train(out_dir: Path, cfg: TrainConfig, progress: bool = True,
