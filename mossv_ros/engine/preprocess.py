@@ -1,9 +1,15 @@
-"""Frame pre-processing: one 560x560 tile per frame (moss-model.md section 4.2 step 1).
+"""Frame pre-processing: one 560x560 tile per frame, as transformers' ``MllamaImageProcessor``
+with ``max_image_tiles=1`` prepares it (moss-model.md section 4.2 step 1).
 
-The frame is resized (bilinear, aspect preserved) to fit inside the square tile, zero-padded at
-the bottom/right *before* normalization (so the pad becomes -mean/std), rescaled by 1/255 and
-normalized with the CLIP mean/std of the stock Llama-3.2-Vision processor.
+The real checkpoint was trained on frames prepared by that processor, so the steps and their
+arithmetic are its own: the frame is resized with PIL bilinear resampling (aspect ratio kept,
+the longer side to the tile; smaller frames are enlarged), zero-padded at the bottom/right
+*before* normalization (so the pad becomes -mean/std), rescaled by 1/255 and normalized with
+the CLIP mean/std of the Llama-3.2-Vision ``preprocessor_config.json``. ``test_preprocess.py``
+checks it against the processor itself on real video frames.
 """
+import math
+
 import numpy as np
 
 #: CLIP normalization constants (moss-model.md section 4.2 step 1).
@@ -12,18 +18,22 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
 def fit_size(height: int, width: int, tile_px: int):
-    """(new_height, new_width) that fits ``tile_px`` with the aspect ratio kept (floor)."""
-    scale = min(tile_px / height, tile_px / width)
-    return (min(tile_px, max(1, int(height * scale))), min(tile_px, max(1, int(width * scale))))
+    """(new_height, new_width) of a frame fitted to one ``tile_px`` square tile, aspect kept:
+    the side with the smaller scale becomes ``tile_px``, the other is floored (at least 1).
+    The rule of transformers' ``mllama.get_image_size_fit_to_canvas`` for a 1-tile canvas."""
+    scale_h, scale_w = tile_px / height, tile_px / width
+    if scale_w < scale_h:
+        return min(math.floor(height * scale_w) or 1, tile_px), tile_px
+    return tile_px, min(math.floor(width * scale_h) or 1, tile_px)
 
 
 def letterbox(image: np.ndarray, tile_px: int) -> np.ndarray:
-    """Resize and zero-pad an RGB uint8 image to (tile_px, tile_px, 3) uint8.
+    """Resize (PIL bilinear) and zero-pad an RGB uint8 image to (tile_px, tile_px, 3) uint8.
 
     :param image: uint8 array (height, width, 3), RGB.
     :raises ValueError: wrong shape or dtype, or an empty image.
     """
-    import cv2
+    from PIL import Image
 
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f'expected uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}')
@@ -31,15 +41,22 @@ def letterbox(image: np.ndarray, tile_px: int) -> np.ndarray:
     if height == 0 or width == 0:
         raise ValueError('empty image')
     new_h, new_w = fit_size(height, width, tile_px)
-    interp = cv2.INTER_AREA if new_h < height / 2 else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (new_w, new_h), interpolation=interp)
     out = np.zeros((tile_px, tile_px, 3), dtype=np.uint8)
-    out[:new_h, :new_w] = resized
+    if (new_h, new_w) == (height, width):
+        out[:height, :width] = image
+    else:
+        resized = Image.fromarray(np.ascontiguousarray(image)).resize(
+            (new_w, new_h), resample=Image.Resampling.BILINEAR, reducing_gap=None)
+        out[:new_h, :new_w] = np.asarray(resized)
     return out
 
 
 def to_pixel_values(image: np.ndarray, tile_px: int) -> np.ndarray:
-    """RGB uint8 (H, W, 3) -> float32 (3, tile_px, tile_px), CLIP-normalized."""
+    """RGB uint8 (H, W, 3) -> float32 (3, tile_px, tile_px), CLIP-normalized.
+
+    The 1/255 rescale is done in float32 (the processor multiplies in float64 and casts: the
+    two differ by at most one float32 ulp, about 1e-7, on 126 of the 256 grey levels); float32
+    keeps the shipped toyworld checkpoint bit-for-bit reproducible (README, toyworld)."""
     tile = letterbox(image, tile_px).astype(np.float32) * (1.0 / 255.0)
     tile = (tile - CLIP_MEAN) / CLIP_STD
     return np.ascontiguousarray(tile.transpose(2, 0, 1))
