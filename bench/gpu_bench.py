@@ -82,9 +82,8 @@ def build_runner(tiny: bool, device: str, dtype, max_frames: int):
 
 
 def images(n, px):
-    from mossv_ros.scene import render_frame
-    return [render_frame(float(i), 1280 if px > 200 else 320, 720 if px > 200 else 240)
-            for i in range(n)]
+    from mossv_ros.toyworld.world import camera_frames
+    return camera_frames(n, 1280 if px > 200 else 320, 720 if px > 200 else 240)
 
 
 def bench_runner(runner, frames, device):

@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                           'the shipped toyworld model')
     demo.add_argument('--video', help='play this video file (tiny random model) instead')
     demo.add_argument('--scene', action='store_true',
-                      help='play the generated scene (tiny random model) instead')
+                      help='play a toyworld episode through a 320x240 camera (tiny random '
+                      'model) instead')
     demo.add_argument('--model', help='checkpoint directory (default: shipped toyworld model; '
                       'tiny random model with --video/--scene)')
     demo.add_argument('--seed', type=int, default=None,

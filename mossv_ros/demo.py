@@ -4,7 +4,8 @@ live terminal view of tokens, silence and revisions.
 Default: a held-out toyworld episode (1 frame per second of stamp time, played ``--speed``
 times faster) with its own questions, answered by the shipped toyworld model; at the end a
 contact sheet PNG shows the frames next to what was said. ``--video``: a real video file (or
-``--scene``: the generated scene) with the tiny random model, at the clip's real rate.
+``--scene``: a toyworld episode seen by a 320x240 camera) with the tiny random model, at the
+clip's real rate.
 """
 import threading
 import time
@@ -43,9 +44,11 @@ def _frames(ns):
             yield i / fps, np.ascontiguousarray(bgr[:, :, ::-1])
             i += 1
         cap.release()
-    else:
-        from .scene import scene_clip
-        yield from scene_clip(ns.duration, fps=ns.fps)
+    else:  # --scene: a toyworld episode through a 320x240 camera, one world state a second
+        from .toyworld.world import camera_frames
+        frames = camera_frames(max(1, int(ns.duration) + 1), seed=ns.seed or 0)
+        for i in range(int(ns.duration * ns.fps)):
+            yield i / ns.fps, frames[int(i / ns.fps)]
 
 
 class _LoadBar:

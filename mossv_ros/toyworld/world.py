@@ -79,6 +79,18 @@ class Episode:
         return [self.frame(t) for t in range(self.num_frames)]
 
 
+def camera_frames(num_frames: int, width: int = 320, height: int = 240, seed: int = 0):
+    """``num_frames`` frames of a toyworld episode as a camera of ``width`` x ``height`` px
+    would deliver them (RGB uint8 (height, width, 3), one world state per frame, scaled with
+    nearest-neighbour so edges stay sharp): input of realistic size for the benchmarks and
+    ``mossv-ros demo --scene``."""
+    import cv2
+
+    episode = make_episode(seed, num_frames=num_frames)
+    return [cv2.resize(episode.frame(t), (width, height), interpolation=cv2.INTER_NEAREST)
+            for t in range(num_frames)]
+
+
 def question_text(qtype: str, kind: str = '') -> str:
     if qtype == 'colour':
         return f'What colour is the {kind}?'
