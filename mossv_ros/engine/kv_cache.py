@@ -44,17 +44,21 @@ class TextKVCache:
 
     :param num_layers: number of self-attention layers (32 at 11B).
     :param capacity: tokens (``max_context_tokens``).
+    :param storage: (k, v) views into a :class:`CachePool` row; None allocates its own.
     Storage: k, v of shape (num_layers, 1, num_kv_heads, capacity, head_dim).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device) -> None:
+                 dtype: torch.dtype, device, storage=None) -> None:
         shape = (num_layers, 1, num_kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if storage is None:
+            storage = (torch.zeros(shape, dtype=dtype, device=device),
+                       torch.zeros(shape, dtype=dtype, device=device))
+        self.k, self.v = storage
         self.capacity = capacity
         self.length = 0
         self.positions = np.full(capacity, -1, dtype=np.int64)
+        self.pool_row = None  # (CachePool, row) when the storage is a pool's row
         self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * self.k.element_size()
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
@@ -103,14 +107,18 @@ class VisionCache:
     Attention is order-free over keys, so an evicted slot is simply reused.
 
     Storage: k, v of shape (num_cross_layers, 1, num_kv_heads, capacity * T, head_dim);
-    3.16 MiB per frame at 11B bf16 (section 8.1).
+    3.16 MiB per frame at 11B bf16 (section 8.1). :param storage: (k, v) views into a
+    :class:`CachePool` row; None allocates its own.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, tokens_per_frame: int,
-                 head_dim: int, capacity: int, dtype: torch.dtype, device) -> None:
+                 head_dim: int, capacity: int, dtype: torch.dtype, device,
+                 storage=None) -> None:
         shape = (num_layers, 1, num_kv_heads, capacity * tokens_per_frame, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if storage is None:
+            storage = (torch.zeros(shape, dtype=dtype, device=device),
+                       torch.zeros(shape, dtype=dtype, device=device))
+        self.k, self.v = storage
         self.tokens_per_frame = tokens_per_frame
         self.capacity = capacity
         self.slot_pos = np.full(capacity, -1, dtype=np.int64)  # p_f per slot, -1 = free
@@ -120,6 +128,7 @@ class VisionCache:
         self.bytes_per_frame = (2 * num_layers * num_kv_heads * tokens_per_frame * head_dim
                                 * self.k.element_size())
         self.device = device
+        self.pool_row = None  # (CachePool, row) when the storage is a pool's row
 
     def free_slot(self) -> Optional[int]:
         """A free slot index, or None when the cache is full."""
@@ -206,3 +215,48 @@ class VisionCache:
     @property
     def used_bytes(self) -> int:
         return self.num_frames * self.bytes_per_frame
+
+
+class CachePool:
+    """The caches of several sessions as rows of shared, preallocated tensors, so that one
+    forward can decode them together (a batch row per session, each with its own length,
+    positions and frames).
+
+    Text K/V: (num_self_layers, rows, num_kv_heads, capacity, head_dim); vision K/V:
+    (num_cross_layers, rows, num_kv_heads, max_frames * T, head_dim). Each row is handed out
+    as a :class:`TextKVCache` and a :class:`VisionCache` over views of its row, so everything
+    a single session does (writes, middle eviction, slot reuse) works on it unchanged; a row
+    costs exactly what a session of its own would.
+    """
+
+    def __init__(self, rows: int, num_self_layers: int, num_cross_layers: int,
+                 num_kv_heads: int, head_dim: int, tokens_per_frame: int, capacity: int,
+                 max_frames: int, dtype: torch.dtype, device) -> None:
+        text = (num_self_layers, rows, num_kv_heads, capacity, head_dim)
+        vision = (num_cross_layers, rows, num_kv_heads, max_frames * tokens_per_frame, head_dim)
+        self.text_k = torch.zeros(text, dtype=dtype, device=device)
+        self.text_v = torch.zeros(text, dtype=dtype, device=device)
+        self.vision_k = torch.zeros(vision, dtype=dtype, device=device)
+        self.vision_v = torch.zeros(vision, dtype=dtype, device=device)
+        self.rows = rows
+        self._args = (num_self_layers, num_cross_layers, num_kv_heads, head_dim,
+                      tokens_per_frame, capacity, max_frames, dtype, device)
+
+    def row(self, r: int) -> Tuple[TextKVCache, VisionCache]:
+        """The text and vision caches of row ``r`` (views of the pool's tensors)."""
+        n_self, n_cross, kvh, hd, t, capacity, max_frames, dtype, device = self._args
+        text = TextKVCache(n_self, kvh, hd, capacity, dtype, device,
+                           storage=(self.text_k[:, r:r + 1], self.text_v[:, r:r + 1]))
+        vision = VisionCache(n_cross, kvh, t, hd, max_frames, dtype, device,
+                             storage=(self.vision_k[:, r:r + 1], self.vision_v[:, r:r + 1]))
+        text.pool_row = vision.pool_row = (self, r)
+        return text, vision
+
+    def select(self, tensor: torch.Tensor, layer: int, rows, end: int) -> torch.Tensor:
+        """``tensor[layer, rows, :, :end]``: a view when ``rows`` are consecutive, else a
+        gathered copy. :returns: (len(rows), num_kv_heads, end, head_dim)."""
+        lo = rows[0]
+        if list(rows) == list(range(lo, lo + len(rows))):
+            return tensor[layer, lo:lo + len(rows), :, :end]
+        index = torch.as_tensor(list(rows), device=tensor.device)
+        return tensor[layer, :, :, :end].index_select(0, index)

@@ -10,6 +10,7 @@ rotary table, vision encoder layers) are the stock ``MllamaForConditionalGenerat
 """
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from transformers.models.mllama.modeling_mllama import (
     rotate_half,
 )
 
-from .kv_cache import TextKVCache, VisionCache
+from .kv_cache import cumulative_visibility, FREE_SLOT_POS, TextKVCache, VisionCache
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -50,12 +51,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
            impl: str, scaling: float, causal: bool = False) -> torch.Tensor:
     """Multi-head attention with grouped KV heads.
 
-    :param q: (1, num_heads, q_len, head_dim).
-    :param k: (1, num_kv_heads, k_len, head_dim); ``v`` likewise.
-    :param mask: bool (q_len, k_len), True = attend; None = all visible (unless ``causal``).
+    :param q: (batch, num_heads, q_len, head_dim).
+    :param k: (batch, num_kv_heads, k_len, head_dim); ``v`` likewise.
+    :param mask: bool (q_len, k_len) or (batch, 1, q_len, k_len), True = attend; None = all
+        visible (unless ``causal``).
     :param impl: 'eager' (fp32 softmax, reference), 'sdpa' or 'flash_attention_2'.
     :param causal: bottom-right aligned causal mask (new rows at the end of the keys).
-    :returns: (1, q_len, num_heads, head_dim).
+    :returns: (batch, q_len, num_heads, head_dim).
     """
     n_rep = q.shape[1] // k.shape[1]
     q_len, k_len = q.shape[2], k.shape[2]
@@ -268,6 +270,75 @@ class MossVideoModel(nn.Module):
         kv_cache.commit(q_len, positions)
         x = x if all_logits else x[:, -1:]
         return self.lm_head(self.text.norm(x)).float()
+
+    @torch.no_grad()
+    def forward_decode_batch(self, input_ids: torch.Tensor, positions, kv_caches,
+                             vision_caches) -> torch.Tensor:
+        """One token for each of several sessions, decoded together as the rows of a batch.
+
+        The sessions' caches are rows of one :class:`~.kv_cache.CachePool`; each row writes
+        its token at its own cache length and position and attends to its own keys (a key mask
+        per row) and to the frames it sees (:func:`~.kv_cache.cumulative_visibility` per row).
+        Row b gives the logits :meth:`forward_text` would give for that session alone, up to
+        floating-point rounding of the batched kernels.
+
+        :param input_ids: long (batch, 1). :param positions: host ints (batch,), each row's
+            text position (continuing its cache).
+        :param kv_caches: a :class:`TextKVCache` per row; ``vision_caches`` likewise.
+        :returns: float32 logits (batch, vocab_size).
+        """
+        pool = kv_caches[0].pool_row and kv_caches[0].pool_row[0]
+        if pool is None or any(c.pool_row is None or c.pool_row[0] is not pool
+                               for c in list(kv_caches) + list(vision_caches)):
+            raise ValueError('batched decode needs sessions of one cache pool')
+        rows = [c.pool_row[1] for c in kv_caches]
+        b = len(rows)
+        device = self.device
+        x = self.text.embed_tokens(input_ids.to(device))  # (b, 1, hidden)
+        pos = torch.as_tensor(np.asarray(positions, np.int64))
+        cos, sin = self.text.rotary_emb(x, pos[:, None].to(device))  # (b, 1, head_dim)
+        lengths = torch.as_tensor([c.length for c in kv_caches])
+        end = int(lengths.max()) + 1
+        key_mask = (torch.arange(end)[None, :] <= lengths[:, None])[:, None, None].to(device)
+        row_index = torch.as_tensor(rows, device=device)
+        write_at = lengths.to(device)
+        has_frames = any(v.num_frames for v in vision_caches)
+        if has_frames:
+            hw = max(v.high_water for v in vision_caches)
+            frame_pos = np.full((b, hw), FREE_SLOT_POS, dtype=np.int64)
+            for i, v in enumerate(vision_caches):
+                used = v.slot_pos[:v.high_water]
+                frame_pos[i, :v.high_water] = np.where(used >= 0, used, FREE_SLOT_POS)
+            t = self.tokens_per_frame
+            mask, sees = cumulative_visibility(torch.from_numpy(frame_pos), pos[:, None], t)
+            cross_mask = mask[:, None].to(device)  # (b, 1, 1, hw * T)
+            row_sees = None if bool(sees.all()) else sees.to(device)
+        for layer_id, layer in enumerate(self.text.layers):
+            if layer_id in self.cross_layer_ids:
+                if not has_frames:
+                    continue  # skip rule: no row has a frame cached
+                slot = self.cross_layer_ids.index(layer_id)
+
+                def cross_attention(q, slot=slot, layer=layer):
+                    keys = pool.select(pool.vision_k, slot, rows, hw * t)
+                    values = pool.select(pool.vision_v, slot, rows, hw * t)
+                    return attend(q, keys, values, cross_mask, self.cross_attn_implementation,
+                                  layer.cross_attn.scaling)
+                x = self.cross_layer(layer, x, cos, sin, cross_attention, row_sees)
+            else:
+                slot = self.self_layer_ids.index(layer_id)
+
+                def self_attention(q, k, v, slot=slot, layer=layer):
+                    pool.text_k[slot][row_index, :, write_at] = k[:, :, 0]
+                    pool.text_v[slot][row_index, :, write_at] = v[:, :, 0]
+                    keys = pool.select(pool.text_k, slot, rows, end)
+                    values = pool.select(pool.text_v, slot, rows, end)
+                    return attend(q, keys, values, key_mask, self.attn_implementation,
+                                  layer.self_attn.scaling)
+                x = self.self_layer(layer, x, cos, sin, self_attention)[0]
+        for cache, p in zip(kv_caches, pos.tolist()):
+            cache.commit(1, [p])
+        return self.lm_head(self.text.norm(x[:, -1])).float()
 
     def _self_layer(self, layer, slot: int, x, cos, sin, kv_cache: TextKVCache, start: int):
         def attention(q, k, v):  # the new rows attend to the cache and to themselves

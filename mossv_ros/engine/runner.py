@@ -23,7 +23,7 @@ from .checkpoint import (
     resolve_special_ids,
 )
 from .config import EngineConfig, resolve_device_dtype
-from .kv_cache import TextKVCache, VisionCache
+from .kv_cache import CachePool, TextKVCache, VisionCache
 from .moss_video import MossVideoModel
 from .preprocess import to_pixel_values
 
@@ -48,16 +48,23 @@ class EncodedFrame:
 
 
 class Session:
-    """Caches and positions of one stream (moss-model.md section 7.1)."""
+    """Caches and positions of one stream (moss-model.md section 7.1).
 
-    def __init__(self, runner: 'ModelRunner', max_frames: int, max_context_tokens: int):
+    :param caches: (text KV cache, vision cache) of a :class:`~.kv_cache.CachePool` row
+        (:meth:`ModelRunner.new_sessions`); None allocates caches of its own.
+    """
+
+    def __init__(self, runner: 'ModelRunner', max_frames: int, max_context_tokens: int,
+                 caches=None):
         model = runner.model
-        self.kv_cache = TextKVCache(len(model.self_layer_ids), model.num_kv_heads,
-                                    model.head_dim, max_context_tokens, model.dtype,
-                                    model.device)
-        self.vision_cache = VisionCache(len(model.cross_layer_ids), model.num_kv_heads,
-                                        model.tokens_per_frame, model.head_dim, max_frames,
-                                        model.dtype, model.device)
+        if caches is None:
+            caches = (TextKVCache(len(model.self_layer_ids), model.num_kv_heads,
+                                  model.head_dim, max_context_tokens, model.dtype,
+                                  model.device),
+                      VisionCache(len(model.cross_layer_ids), model.num_kv_heads,
+                                  model.tokens_per_frame, model.head_dim, max_frames,
+                                  model.dtype, model.device))
+        self.kv_cache, self.vision_cache = caches
         self.next_pos = 0
         self.prefix_tokens = 0  # tokens never evicted from the text cache (session prefix)
         self.num_evicted_frames = 0
@@ -232,6 +239,17 @@ class ModelRunner:
         return Session(self, max_frames or self.config.max_frames,
                        max_context_tokens or self.config.max_context_tokens)
 
+    def new_sessions(self, n: int) -> List[Session]:
+        """``n`` sessions whose caches are the rows of one :class:`~.kv_cache.CachePool`, so
+        :meth:`feed_batch` decodes them together; each costs what a session of its own does
+        (``cache.max_frames`` frames, ``cache.max_context_tokens`` tokens)."""
+        m, cfg = self.model, self.config
+        pool = CachePool(n, len(m.self_layer_ids), len(m.cross_layer_ids), m.num_kv_heads,
+                         m.head_dim, m.tokens_per_frame, cfg.max_context_tokens,
+                         cfg.max_frames, m.dtype, m.device)
+        return [Session(self, cfg.max_frames, cfg.max_context_tokens, caches=pool.row(r))
+                for r in range(n)]
+
     # ------------------------------------------------------------------ vision
     def pixel_values(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """RGB uint8 images -> float tensor (N, 3, tile, tile) on the model device."""
@@ -283,6 +301,10 @@ class ModelRunner:
             _, evicted = self._evict_one(session)
         return evicted
 
+    def evict_one(self, session: Session) -> int:
+        """Evict one frame per ``cache.eviction_policy``. :returns: its frame index."""
+        return self._evict_one(session)[1]
+
     def _evict_one(self, session: Session) -> Tuple[int, int]:
         """Evict per ``cache.eviction_policy``; return (freed slot, evicted frame index)."""
         cache = session.vision_cache
@@ -323,6 +345,35 @@ class ModelRunner:
                                              session.vision_cache, all_logits=all_logits)
         session.next_pos += n
         return logits[0] if all_logits else logits[0, -1]
+
+    @torch.no_grad()
+    def feed_batch(self, sessions: Sequence[Session], token_ids: Sequence[int]) -> torch.Tensor:
+        """Feed one token to each of several sessions in one forward (batched decode).
+
+        :param sessions: sessions of one :meth:`new_sessions` pool (one row each).
+        :param token_ids: the token of each session (never ``<|image|>``: frames go through
+            :meth:`feed`).
+        :returns: float32 logits (len(sessions), vocab); row i equals what :meth:`feed` would
+            give session i alone, up to the rounding of batched kernels.
+        """
+        if self.special.image in token_ids:
+            raise ValueError('feed_batch takes no <|image|> token (frames go through feed)')
+        if len(sessions) == 1:
+            return self.feed(sessions[0], token_ids)[None]
+        for session in sessions:
+            self._make_room(session, 1)
+        ids = torch.tensor([[t] for t in token_ids], dtype=torch.long)
+        positions = [s.next_pos for s in sessions]
+        try:
+            logits = self.model.forward_decode_batch(ids, positions,
+                                                     [s.kv_cache for s in sessions],
+                                                     [s.vision_cache for s in sessions])
+        except torch.OutOfMemoryError:
+            # nothing was committed: each session alone, with its own OOM recovery
+            return torch.stack([self.feed(s, [t]) for s, t in zip(sessions, token_ids)])
+        for session in sessions:
+            session.next_pos += 1
+        return logits
 
     def _recover_from_oom(self, session: Session) -> None:
         """Device out of memory during a forward: evict half the cached frames (eviction
