@@ -9,6 +9,10 @@ import math
 from typing import Any, Mapping, Tuple
 
 DTYPES = ('auto', 'bfloat16', 'float16', 'float32')
+#: the camera of the single-camera configuration
+DEFAULT_CAMERA = 'default'
+#: most cameras (sessions) one engine serves
+MAX_CAMERAS = 16
 ATTN_IMPLEMENTATIONS = ('auto', 'eager', 'sdpa', 'flash_attention_2')
 EVICTION_POLICIES = ('sink_window', 'fifo')
 
@@ -109,6 +113,11 @@ class EngineConfig:
         start a fresh session.
     :ivar reset_after_gap_sec: start a fresh session when consecutive frame stamps are more
         than this many seconds apart (the camera stopped; 0 = keep the session).
+    :ivar cameras: the cameras, one session each (vision cache, text KV cache, positions,
+        dialogue), sharing the weights and the threads; the first is the default for frames
+        and questions that name none. Names: letters, digits and '_'.
+    :ivar max_total_memory_bytes: optional bound on the cache bytes of all sessions together
+        (0 = off); past it, frames of the session that just grew are evicted.
     """
 
     model_path: str = ''
@@ -131,6 +140,8 @@ class EngineConfig:
     reset_after_gap_sec: float = 0.0
     reset_on_backwards_stamp: bool = True
     system_prompt: str = ''
+    cameras: Tuple[str, ...] = (DEFAULT_CAMERA,)
+    max_total_memory_bytes: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def validate(self) -> 'EngineConfig':
@@ -172,6 +183,14 @@ class EngineConfig:
         _check(math.isfinite(self.reset_after_gap_sec) and self.reset_after_gap_sec >= 0.0,
                'frames.reset_after_gap_sec', self.reset_after_gap_sec,
                'a float >= 0 (0 = off)')
+        _check(isinstance(self.cameras, tuple) and 1 <= len(self.cameras) <= MAX_CAMERAS
+               and len(set(self.cameras)) == len(self.cameras)
+               and all(isinstance(n, str) and n and n.replace('_', '').isalnum()
+                       and n.isascii() for n in self.cameras),
+               'cameras.names', self.cameras,
+               f'1 to {MAX_CAMERAS} distinct names of letters, digits and _')
+        _check(self.max_total_memory_bytes >= 0, 'cache.max_total_memory_bytes',
+               self.max_total_memory_bytes, 'an int >= 0 (0 = off)')
         self.sampling.validate()
         return self
 
@@ -188,4 +207,6 @@ class EngineConfig:
         s_unknown = sorted(set(sampling) - s_known)
         if s_unknown:
             raise ValueError(f'unknown sampling config keys: {s_unknown}')
+        if 'cameras' in values and isinstance(values['cameras'], list):
+            values['cameras'] = tuple(values['cameras'])
         return cls(sampling=SamplingConfig(**sampling), **values).validate()

@@ -43,7 +43,8 @@ from .events import (
 def cancelled_round(question: Question, reason: str) -> RoundEvent:
     """The event of a question cancelled before its round started."""
     return RoundEvent(round_id=question.round_id, request_id=question.request_id,
-                      kind='cancelled', reason=reason, question=question.text)
+                      kind='cancelled', reason=reason, question=question.text,
+                      camera=question.camera)
 
 
 class Mode(enum.Enum):
@@ -101,13 +102,15 @@ class Dialogue:
     :param oldest_frame_index: ``() -> int``, index of the oldest frame in the vision cache
         (-1 when empty): an answer is grounded from there.
     :param clock: monotonic seconds (``time.monotonic``; tests pass a fake clock).
+    :param camera: the camera (session) this dialogue belongs to, named on every event.
     """
 
     def __init__(self, config: EngineConfig, silence_id: int,
                  decode: Callable[[List[int]], str],
                  oldest_frame_index: Callable[[], int] = lambda: -1,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, camera: str = '') -> None:
         self.config = config
+        self.camera = camera
         self.silence_id = silence_id
         self._decode = decode
         self._oldest_frame_index = oldest_frame_index
@@ -170,7 +173,7 @@ class Dialogue:
         out.append(TokenEvent(round_id=rnd.round_id, request_id=rnd.request_id,
                               revision=utt.revision, token_index=rnd.num_tokens,
                               token_id=token, text=self._text_delta(utt), source=self.newest,
-                              emit_ts=now))
+                              emit_ts=now, camera=self.camera))
         rnd.num_tokens += 1
         limit = self.config.sampling.max_new_tokens
         if len(utt.ids) >= limit or (rnd.round_id and rnd.num_tokens >= limit):
@@ -192,7 +195,7 @@ class Dialogue:
                            question.submit_ts, quiet_since_ts=self._clock())
         self.history.clear()
         out.append(RoundEvent(round_id=question.round_id, request_id=question.request_id,
-                              kind='started', question=question.text))
+                              kind='started', question=question.text, camera=self.camera))
         return out
 
     def end_rounds(self, reason: str) -> list:
@@ -248,7 +251,7 @@ class Dialogue:
         else:
             c.num_rounds_cancelled += 1
         out.append(RoundEvent(round_id=rnd.round_id, request_id=rnd.request_id, kind='ended',
-                              reason=reason, question=rnd.question))
+                              reason=reason, question=rnd.question, camera=self.camera))
         self.round = Round()
         return out
 
@@ -282,7 +285,8 @@ class Dialogue:
         return AnswerEvent(round_id=rnd.round_id, request_id=rnd.request_id, revision=revision,
                            question=rnd.question, text=text, is_final=is_final,
                            end_reason=reason, first_frame_index=first_frame_index,
-                           last_frame_index=self.newest.frame_index, source=self.newest)
+                           last_frame_index=self.newest.frame_index, source=self.newest,
+                           camera=self.camera)
 
     def _set_mode(self, mode: Mode, out: list) -> None:
         if mode is self.mode:
@@ -291,7 +295,7 @@ class Dialogue:
         out.append(SilenceEvent(round_id=self.round.round_id, is_silent=mode is Mode.SILENT,
                                 frame_index=self.newest.frame_index,
                                 previous_duration_sec=now - self._mode_since,
-                                source=self.newest))
+                                source=self.newest, camera=self.camera))
         self.mode, self._mode_since = mode, now
 
     def _text_delta(self, utt: Utterance) -> str:
@@ -306,7 +310,7 @@ class Dialogue:
         return text[len(shown):]
 
     def _record_metrics(self, rnd: Round) -> None:
-        m = RoundMetrics(rnd.round_id, num_tokens=rnd.num_tokens)
+        m = RoundMetrics(rnd.round_id, num_tokens=rnd.num_tokens, end_ts=self._clock())
         if rnd.num_tokens:
             m.ttft_sec = rnd.first_token_ts - rnd.submit_ts
             if rnd.num_tokens > 1:

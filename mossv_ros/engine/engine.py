@@ -8,6 +8,11 @@ Three pieces, one job each:
 * :class:`StreamingEngine` (here) owns the two threads and ``step()``: next item ->
   ``runner.feed`` -> sample -> dialogue -> events.
 
+Each camera of ``EngineConfig.cameras`` has a session of its own (caches, positions, a
+dialogue); the weights and both threads are shared. Sessions that speak at the same time are
+decoded together, one batch row each (``runner.feed_batch``); a frame or a question is fed to
+its session alone between two batched steps.
+
 The **encoder thread** turns incoming frames into cross-attention K/V as soon as they arrive (on
 CUDA on its own stream), so perception never waits for generation; the **engine thread** owns
 the session (caches, positions) and runs ``step()``. An encoded frame is inserted at the next
@@ -26,6 +31,7 @@ from typing import Callable, Iterator, List, Optional
 from .config import EngineConfig, LIVE_FIELDS
 from .dialogue import cancelled_round, Dialogue, Mode
 from .events import (
+    CameraStats,
     END_ERROR,
     END_RESET,
     END_SHUTDOWN,
@@ -43,6 +49,17 @@ from .inbox import Control, Inbox, Item
 from .policy import validate_prompt, validate_request_id
 
 log = logging.getLogger(__name__)
+
+
+class _Camera:
+    """One camera's session: the runner's caches and positions, and its dialogue (both
+    written by the engine thread only)."""
+
+    def __init__(self, name: str, session, dialogue: Dialogue) -> None:
+        self.name = name
+        self.session = session
+        self.dialogue = dialogue
+        self.num_session_resets = 0
 
 
 class StreamingEngine:
@@ -69,16 +86,16 @@ class StreamingEngine:
         self._load_progress = load_progress
         self._events: 'queue.Queue' = queue.Queue()
         self.inbox = Inbox(self.config)
-        self.dialogue: Optional[Dialogue] = None  # made once the runner is loaded
+        #: camera name -> its session and dialogue, in ``config.cameras`` order (made once
+        #: the runner is loaded)
+        self._cams: dict = {}
         self._round_ids = round_ids if round_ids is not None else itertools.count(1)
         self._threads: List[threading.Thread] = []
         self._state_cv = threading.Condition()
         self._state = EngineState.UNLOADED
         self._model_name = 'none'
         self._last_error = ''
-        self._num_session_resets = 0
         self._num_oom_events = 0
-        self._session = None
         #: seconds from a frame's arrival to its insertion in the vision cache, newest last
         #: (bounded; read by benchmarks)
         self.frame_latencies: deque = deque(maxlen=4096)
@@ -86,9 +103,29 @@ class StreamingEngine:
     # ------------------------------------------------------------------ state
     @property
     def session(self):
-        """The :class:`~.runner.Session` (caches, positions); read-only outside the engine
-        thread (None before the model loads)."""
-        return self._session
+        """The default camera's :class:`~.runner.Session` (caches, positions); read-only
+        outside the engine thread (None before the model loads)."""
+        cam = self._cams.get(self.config.cameras[0])
+        return cam.session if cam is not None else None
+
+    @property
+    def dialogue(self) -> Optional[Dialogue]:
+        """The default camera's dialogue (None before the model loads)."""
+        cam = self._cams.get(self.config.cameras[0])
+        return cam.dialogue if cam is not None else None
+
+    def sessions(self) -> dict:
+        """{camera: its :class:`~.runner.Session`} (read-only outside the engine thread)."""
+        return {name: cam.session for name, cam in self._cams.items()}
+
+    def camera_of(self, camera: str) -> Optional[str]:
+        """The camera ``camera`` names ('' = the default one), or None when unknown."""
+        if not camera:
+            return self.config.cameras[0]
+        return camera if camera in self.config.cameras else None
+
+    def _known(self) -> str:
+        return ', '.join(self.config.cameras)
 
     @property
     def state(self) -> EngineState:
@@ -159,42 +196,73 @@ class StreamingEngine:
                 return out
 
     # ------------------------------------------------------------------ inputs
-    def admit(self, stamp_sec: float, topic: str = '') -> bool:
-        """Should a frame of ``topic`` stamped ``stamp_sec`` (seconds) be fed? Commits on True
-        (see :meth:`.inbox.Inbox.admit`). Callers that must convert an image first (the ROS
-        image callback) ask here before converting, then call :meth:`submit_frame` with
-        ``admitted=True``."""
-        return self.inbox.admit(stamp_sec, topic)
+    def admit(self, stamp_sec: float, topic: str = '', camera: str = '') -> bool:
+        """Should a frame of ``camera``'s ``topic`` stamped ``stamp_sec`` (seconds) be fed?
+        Commits on True (see :meth:`.inbox.Inbox.admit`). Callers that must convert an image
+        first (the ROS image callback) ask here before converting, then call
+        :meth:`submit_frame` with ``admitted=True``.
+
+        :raises ValueError: an unknown camera (a configuration error, not input)."""
+        return self.inbox.admit(stamp_sec, topic, self._camera_or_raise(camera))
+
+    def _camera_or_raise(self, camera: str) -> str:
+        name = self.camera_of(camera)
+        if name is None:
+            raise ValueError(f'unknown camera {camera!r} (known: {self._known()})')
+        return name
 
     def topic_stamps(self) -> dict:
         """{topic: its newest stamp, seconds} of every camera topic seen."""
         return self.inbox.topic_stamps()
 
-    def last_stamp_sec(self) -> Optional[float]:
-        """Newest image stamp admitted or checked, seconds (None before any)."""
-        return self.inbox.last_stamp_sec()
+    def last_stamp_sec(self, camera: Optional[str] = None) -> Optional[float]:
+        """Newest image stamp admitted or checked, seconds, of ``camera`` (None: of any
+        camera); None before any."""
+        return self.inbox.last_stamp_sec(None if camera is None
+                                         else self._camera_or_raise(camera))
 
     def submit_frame(self, frame: Frame, stamp_sec: Optional[float] = None,
-                     admitted: bool = False) -> bool:
-        """Queue a frame (RGB uint8 (H, W, 3)) unless rate-limited.
+                     admitted: bool = False, camera: str = '') -> bool:
+        """Queue a frame (RGB uint8 (H, W, 3)) of ``camera`` ('' = the default) unless
+        rate-limited.
 
         :param stamp_sec: the frame's stamp in seconds, for subsampling to ``frames.rate_hz``;
             None uses ``frame.arrival_ts``.
         :param admitted: :meth:`admit` already accepted this frame.
-        :returns: True if queued. The oldest queued frame is dropped (and counted) on overflow.
+        :returns: True if queued. The camera's oldest queued frame is dropped (and counted) on
+            overflow. :raises ValueError: an unknown camera.
         """
+        frame.camera = self._camera_or_raise(camera)
         if not frame.arrival_ts:
             frame.arrival_ts = time.monotonic()
         t = frame.arrival_ts if stamp_sec is None else stamp_sec
         return self.inbox.put_frame(frame, t, admitted)
 
-    def submit_question(self, text: str, request_id: str = ''):
-        """Queue a question. :returns: (accepted, round_id, message); never raises on input."""
+    def submit_frames(self, frames) -> list:
+        """Queue frames that arrived together (cameras with synchronized shutters): the
+        encoder takes them as one batch.
+
+        :param frames: (frame, stamp_sec, camera) triples, as for :meth:`submit_frame`.
+        :returns: whether each was queued. :raises ValueError: an unknown camera.
+        """
+        with self.inbox.cv:  # (re-entrant): the encoder wakes once all are queued
+            return [self.submit_frame(frame, stamp, camera=camera)
+                    for frame, stamp, camera in frames]
+
+    def submit_question(self, text: str, request_id: str = '', camera: str = ''):
+        """Queue a question about ``camera`` ('' = the default camera).
+
+        :returns: (accepted, round_id, message); never raises on input (an unknown camera is
+            refused with the known ones).
+        """
         ok, cleaned, reason = validate_prompt(text, self.config.max_prompt_chars)
         if ok:
             ok, reason = validate_request_id(request_id)
         if not ok:
             return False, 0, reason
+        name = self.camera_of(camera) if isinstance(camera, str) else None
+        if name is None:
+            return False, 0, f'unknown camera {camera!r} (known: {self._known()})'
         state = self._state
         if state is not EngineState.READY:
             detail = f': {self._last_error}' if state is EngineState.ERROR else ''
@@ -205,7 +273,8 @@ class StreamingEngine:
             return False, 0, (f'question has {num_tokens} tokens, limit is {limit} (the text '
                               'context cache.max_context_tokens must also hold the answer)')
         question, old = self.inbox.put_question(lambda: Question(
-            cleaned, request_id, next(self._round_ids), time.monotonic(), token_ids=ids))
+            cleaned, request_id, next(self._round_ids), time.monotonic(), token_ids=ids,
+            camera=name))
         if old is not None:
             self._emit(cancelled_round(old, 'superseded by a newer question (queue full)'))
         return True, question.round_id, f'accepted as round {question.round_id}'
@@ -213,7 +282,8 @@ class StreamingEngine:
     def max_question_tokens(self) -> int:
         """Longest question in tokens: half of the text context left after the session
         prefix (the other half holds the answer and the frames' tokens around it)."""
-        prefix = self._session.prefix_tokens if self._session is not None else 0
+        session = self.session
+        prefix = session.prefix_tokens if session is not None else 0
         return max(1, (self.config.max_context_tokens - prefix) // 2)
 
     def update_config(self, config: EngineConfig) -> None:
@@ -230,16 +300,16 @@ class StreamingEngine:
             raise ValueError(f'cannot change {fixed} while the engine runs (new engine needed)')
         self.config = config
         self.inbox.update_config(config)
-        if self.dialogue is not None:
-            self.dialogue.config = config
+        for cam in self._cams.values():
+            cam.dialogue.config = config
         if self._owns_sampler and self.runner is not None:
             self._sampler = self._new_sampler()
 
     def end_rounds(self, reason: str) -> None:
         """End the open round and cancel the waiting questions at the next token boundary,
         each with a final Answer (``end_reason`` = ``reason``); the session and its frames
-        stay (a lifecycle deactivate)."""
-        self.inbox.put_control(Control.END_ROUNDS, reason)
+        stay (a lifecycle deactivate). Every camera."""
+        self.inbox.put_control(Control.END_ROUNDS, None, reason)
 
     def cancel_round(self, round_id: int, reason: str) -> None:
         """Cancel round ``round_id``: a waiting question is dropped (a cancelled RoundEvent);
@@ -249,11 +319,13 @@ class StreamingEngine:
         if waiting is not None:
             self._emit(cancelled_round(waiting, reason))
         else:
-            self.inbox.put_control(Control.CANCEL, (round_id, reason))
+            self.inbox.put_control(Control.CANCEL, None, (round_id, reason))
 
-    def reset(self, reason: str = 'requested') -> None:
-        """Clear vision cache and dialogue at the next token boundary; recovers from ERROR."""
-        self.inbox.put_control(Control.RESET, reason)
+    def reset(self, reason: str = 'requested', camera: Optional[str] = None) -> None:
+        """Clear vision cache and dialogue of ``camera`` (None: of every camera) at the next
+        token boundary; recovers from ERROR. :raises ValueError: an unknown camera."""
+        self.inbox.put_control(Control.RESET, None if camera is None
+                               else self._camera_or_raise(camera), reason)
         if self._state is EngineState.ERROR:
             # the failed engine thread closed the inbox: let the encoder finish exiting
             for t in self._threads:
@@ -264,34 +336,50 @@ class StreamingEngine:
             self.start()
 
     def stats(self) -> EngineStats:
-        """A snapshot of counters (cheap; safe from any thread; writes nothing)."""
-        counts = self.inbox.snapshot()
+        """A snapshot of counters, totals and per camera (cheap; safe from any thread;
+        writes nothing)."""
+        totals, per = self.inbox.snapshot()
         s = EngineStats(state=self._state, model_name=self._model_name,
-                        num_frames_received=counts.num_frames_received,
-                        num_dropped_frames=counts.num_dropped_frames,
-                        num_frames_encoded=counts.num_frames_encoded,
-                        num_rounds_started=counts.num_rounds_started,
-                        num_rounds_cancelled=counts.num_questions_cancelled,
-                        num_session_resets=self._num_session_resets,
+                        num_frames_received=totals.num_frames_received,
+                        num_dropped_frames=totals.num_dropped_frames,
+                        num_frames_encoded=totals.num_frames_encoded,
+                        num_rounds_started=totals.num_rounds_started,
+                        num_rounds_cancelled=totals.num_questions_cancelled,
                         num_oom_events=self._num_oom_events,
-                        longest_frame_gap_sec=counts.longest_frame_gap_sec,
-                        num_stamp_outliers=counts.num_stamp_outliers,
+                        longest_frame_gap_sec=totals.longest_frame_gap_sec,
+                        num_stamp_outliers=totals.num_stamp_outliers,
                         last_error=self._last_error)
-        session = self._session
-        if session is not None:
-            s.num_frames_cached = session.vision_cache.num_frames
-            s.cache_bytes = session.cache_bytes
-            s.num_context_tokens = session.kv_cache.length
-            s.num_frames_evicted = session.num_evicted_frames
-        dialogue = self.dialogue
-        if dialogue is not None:
-            c = dialogue.counts
-            s.num_rounds_answered = c.num_rounds_answered
-            s.num_rounds_cancelled += c.num_rounds_cancelled
-            s.num_rounds_failed = c.num_rounds_failed
-            s.last_metrics = dialogue.last_metrics
-            s.current_round_id = dialogue.round.round_id
-            s.newest_frame = dialogue.newest
+        for name in self.config.cameras:
+            counts = per.get(name)
+            cs = CameraStats(name=name, num_frames_received=counts.num_frames_received,
+                             num_dropped_frames=counts.num_dropped_frames,
+                             last_stamp_sec=self.inbox.last_stamp_sec(name))
+            cam = self._cams.get(name)
+            if cam is not None:
+                session, dialogue = cam.session, cam.dialogue
+                cs.num_frames_cached = session.vision_cache.num_frames
+                cs.cache_bytes = session.cache_bytes
+                cs.num_context_tokens = session.kv_cache.length
+                cs.num_session_resets = cam.num_session_resets
+                cs.current_round_id = dialogue.round.round_id
+                cs.last_metrics = dialogue.last_metrics
+                cs.newest_frame = dialogue.newest
+                c = dialogue.counts
+                s.num_rounds_answered += c.num_rounds_answered
+                s.num_rounds_cancelled += c.num_rounds_cancelled
+                s.num_rounds_failed += c.num_rounds_failed
+                s.num_frames_cached += cs.num_frames_cached
+                s.cache_bytes += cs.cache_bytes
+                s.num_context_tokens += cs.num_context_tokens
+                s.num_frames_evicted += session.num_evicted_frames
+                s.num_session_resets += cam.num_session_resets
+            s.cameras.append(cs)
+        default = s.cameras[0]
+        s.current_round_id = default.current_round_id
+        s.newest_frame = default.newest_frame
+        ended = [c.last_metrics for c in s.cameras if c.last_metrics is not None]
+        if ended:  # the round that ended last, of any camera
+            s.last_metrics = max(ended, key=lambda m: m.end_ts)
         return s
 
     # ------------------------------------------------------------------ threads
@@ -310,23 +398,49 @@ class StreamingEngine:
     def _encoder_main(self) -> None:
         inbox = self.inbox
         while True:
-            taken = inbox.take_frame_to_encode(lambda: self._session is not None)
+            taken = inbox.take_frames_to_encode(lambda: bool(self._cams),
+                                                max_frames=len(self.config.cameras))
             if taken is None:
                 return
-            frame, index = taken
-            try:
-                encoded = self.runner.encode_frames([frame.image])[0]
-            except Exception as exc:  # noqa: BLE001 - bad frame: count, report, keep going
-                inbox.put_encoded(frame, None)
-                self._emit(ErrorEvent(f'frame {index} could not be encoded: {exc}'))
-                continue
-            encoded.frame_index = index
-            inbox.put_encoded(frame, encoded)
+            if len(taken) == 1:
+                encoded = [self._encode_one(*taken[0])]
+            else:
+                try:  # frames that arrived together: one batch through the vision tower
+                    encoded = self.runner.encode_frames([frame.image for frame, _ in taken])
+                except Exception:  # noqa: BLE001 - a bad frame in the batch: each alone
+                    encoded = [self._encode_one(frame, index) for frame, index in taken]
+            for (frame, index), enc in zip(taken, encoded):
+                if enc is not None:
+                    enc.frame_index = index
+                inbox.put_encoded(frame, enc)
+
+    def _encode_one(self, frame: Frame, index: int):
+        """Encode one frame; a bad frame is reported (an ErrorEvent) and gives None."""
+        try:
+            return self.runner.encode_frames([frame.image])[0]
+        except Exception as exc:  # noqa: BLE001 - bad frame: count, report, keep going
+            self._emit(ErrorEvent(f'frame {index} could not be encoded: {exc}',
+                                  camera=frame.camera))
+            return None
 
     def _new_sampler(self):
         from .sampling import Sampler
         return Sampler(self.config.sampling, self.runner.suppressed_ids(),
                        self.runner.vocab_size)
+
+    def _make_cameras(self) -> None:
+        """A session (one row of a shared cache pool when several) and a dialogue per
+        camera."""
+        runner, names = self.runner, self.config.cameras
+        sessions = [runner.new_session()] if len(names) == 1 else runner.new_sessions(len(names))
+        cams = {}
+        for name, session in zip(names, sessions):
+            def oldest(session=session) -> int:
+                cached = session.vision_cache.frame_indices()
+                return cached[0] if cached else -1
+            cams[name] = _Camera(name, session, Dialogue(
+                self.config, runner.special.silence, runner.decode, oldest, camera=name))
+        self._cams = cams
 
     def _engine_main(self) -> None:
         try:
@@ -336,65 +450,77 @@ class StreamingEngine:
             if self._sampler is None:
                 self._sampler = self._new_sampler()
             self._model_name = self.config.model_path.rstrip('/').split('/')[-1]
-            if self._session is None:
-                self._session = self.runner.new_session()
-            if self.dialogue is None:
-                self.dialogue = Dialogue(self.config, self.runner.special.silence,
-                                         self.runner.decode, self._oldest_frame_index)
-            self._prefill()
+            if not self._cams:
+                self._make_cameras()
+            for cam in self._cams.values():
+                self._prefill(cam)
             self._set_state(EngineState.READY)
             while not self.inbox.closed:
                 self.step()
-            self._end_everything(END_SHUTDOWN)
+            for cam in self._cams.values():
+                self._end_everything(cam, END_SHUTDOWN)
         except Exception as exc:  # noqa: BLE001 - top of the engine loop: report, stop cleanly
             log.exception('engine thread failed')
             self._set_state(EngineState.ERROR, f'{type(exc).__name__}: {exc}')
             round_id = 0
-            if self.dialogue is not None:
-                round_id = self.dialogue.round.round_id
-                self._end_everything(END_ERROR)
+            for cam in self._cams.values():
+                round_id = round_id or cam.dialogue.round.round_id
+                self._end_everything(cam, END_ERROR)
             self._emit(ErrorEvent(self._last_error, fatal=True, round_id=round_id))
             self.inbox.close()
 
     # ------------------------------------------------------------------ scheduling
     def step(self) -> None:
-        """One scheduling decision and at most one forward (runs on the engine thread)."""
-        dialogue = self.dialogue
-        item: Item = self.inbox.next_item(wait=dialogue.mode is Mode.SILENT)
+        """One scheduling decision and at most one forward (runs on the engine thread): a
+        control, a question or a frame for one session, else one batched decode step of
+        every session that is speaking."""
+        cams = list(self._cams.values())
+        silent = all(cam.dialogue.mode is Mode.SILENT for cam in cams)
+        item: Item = self.inbox.next_item(wait=silent)
         if item.control is not None:
-            kind, arg = item.control
+            kind, camera, arg = item.control
+            targets = cams if camera is None else [self._cams[camera]]
             if kind is Control.END_ROUNDS:
-                self._emit_all(dialogue.end_rounds(arg))
-                self._cancel_waiting(arg)
+                for cam in targets:
+                    self._emit_all(cam.dialogue.end_rounds(arg))
+                self._cancel_waiting(arg, camera)
             elif kind is Control.CANCEL:
                 round_id, reason = arg
-                if dialogue.round.round_id == round_id:
-                    self._emit_all(dialogue.end_rounds(f'cancelled: {reason}'))
+                for cam in cams:
+                    if cam.dialogue.round.round_id == round_id:
+                        self._emit_all(cam.dialogue.end_rounds(f'cancelled: {reason}'))
             else:
-                self._reset(arg)
+                for cam in targets:
+                    self._reset(cam, arg)
         elif item.question is not None:
-            self._ask(item.question)
+            self._ask(self._cams[item.question.camera], item.question)
         elif item.frame is not None:
+            cam = self._cams[item.frame[0].camera]
             if item.frame[0].reset_reason:
-                self._reset(item.frame[0].reset_reason)
-            self._decode(item.frame)
-        elif dialogue.mode is Mode.SPEAKING:
-            self._decode(None)
-        elif dialogue.quiet_too_long():
-            self._emit_all(dialogue.end_round(END_SILENCE))  # no frame for close_after_sec
+                self._reset(cam, item.frame[0].reset_reason)
+            self._decode(cam, item.frame)
+        else:
+            speaking = [cam for cam in cams if cam.dialogue.mode is Mode.SPEAKING]
+            if len(speaking) == 1:
+                self._decode(speaking[0], None)
+            elif speaking:
+                self._decode_together(speaking)
+        for cam in cams:  # a silent round with no frame for round.close_after_sec ends
+            if cam.dialogue.quiet_too_long():
+                self._emit_all(cam.dialogue.end_round(END_SILENCE))
 
-    def _prefill(self) -> None:
+    def _prefill(self, cam: _Camera) -> None:
         """Run the session prefix (system prompt) and sample the first token."""
-        logits = self.runner.start_session(self._session, self.config.system_prompt)
-        self._emit_all(self.dialogue.on_token(self._sample(logits)))
+        logits = self.runner.start_session(cam.session, self.config.system_prompt)
+        self._emit_all(cam.dialogue.on_token(self._sample(cam, logits)))
 
-    def _sample(self, logits) -> int:
-        return int(self._sampler(logits, list(self.dialogue.history)))
+    def _sample(self, cam: _Camera, logits) -> int:
+        return int(self._sampler(logits, list(cam.dialogue.history)))
 
-    def _decode(self, ready) -> None:
-        """Feed the pending token and, when ``ready`` (frame, encoded) came, the frame's
-        ``<|image|>``; sample the next token."""
-        dialogue = self.dialogue
+    def _decode(self, cam: _Camera, ready) -> None:
+        """Feed the camera's pending token and, when ``ready`` (frame, encoded) came, the
+        frame's ``<|image|>``; sample the next token."""
+        dialogue = cam.dialogue
         tokens = dialogue.take_pending()
         frames = []
         if ready is not None:
@@ -402,68 +528,100 @@ class StreamingEngine:
             tokens.append(self.runner.special.image)
         if not tokens:
             return
-        self._check_positions(len(tokens))
-        logits = self._feed(tokens, frames)
+        self._check_positions(cam, len(tokens))
+        logits = self._feed(cam, tokens, frames)
         if ready is not None:
             frame, encoded = ready
             self.frame_latencies.append(time.monotonic() - frame.arrival_ts)
             ref = FrameRef(encoded.frame_index, frame.stamp, frame.frame_id, frame.arrival_ts)
             dialogue.on_frame(ref)
-            self._emit(FrameEvent(image=frame.image, source=ref))
-        self._emit_all(dialogue.on_token(self._sample(logits), after_frame=ready is not None))
+            self._emit(FrameEvent(image=frame.image, source=ref, camera=cam.name))
+            self._fit_total_budget(cam)
+        self._emit_all(dialogue.on_token(self._sample(cam, logits),
+                                         after_frame=ready is not None))
 
-    def _feed(self, tokens, frames=()):
-        """``runner.feed`` on the session; a device OOM it survived (frames evicted) is
-        counted and reported as a non-fatal error event."""
-        session = self._session
-        before = session.num_oom_events
-        logits = self.runner.feed(session, tokens, frames)
+    def _decode_together(self, cams: List[_Camera]) -> None:
+        """One forward for every speaking session, a batch row each; then each samples and
+        its dialogue goes on."""
+        for cam in list(cams):
+            self._check_positions(cam, 1)
+        # (a position reset re-ran a session's prefix: it speaks again only after a frame)
+        cams = [cam for cam in cams
+                if cam.dialogue.mode is Mode.SPEAKING and cam.dialogue.pending is not None]
+        if not cams:
+            return
+        tokens = [cam.dialogue.take_pending()[0] for cam in cams]
+        sessions = [cam.session for cam in cams]
+        before = [s.num_oom_events for s in sessions]
+        logits = self.runner.feed_batch(sessions, tokens)
+        for cam, n in zip(cams, before):
+            self._note_oom(cam, n)
+        for cam, row in zip(cams, logits):
+            self._emit_all(cam.dialogue.on_token(self._sample(cam, row)))
+
+    def _feed(self, cam: _Camera, tokens, frames=()):
+        """``runner.feed`` on the camera's session; a device OOM it survived (frames
+        evicted) is counted and reported as a non-fatal error event."""
+        before = cam.session.num_oom_events
+        logits = self.runner.feed(cam.session, tokens, frames)
+        self._note_oom(cam, before)
+        return logits
+
+    def _note_oom(self, cam: _Camera, before: int) -> None:
+        session = cam.session
         if session.num_oom_events != before:
             self._num_oom_events += session.num_oom_events - before
             self._emit(ErrorEvent(f'device out of memory: evicted frames down to '
                                   f'{session.vision_cache.num_frames} cached '
                                   f'({session.cache_bytes} bytes, now the cap); continuing',
-                                  round_id=self.dialogue.round.round_id))
-        return logits
+                                  round_id=cam.dialogue.round.round_id, camera=cam.name))
 
-    def _ask(self, question: Question) -> None:
-        dialogue = self.dialogue
+    def _fit_total_budget(self, cam: _Camera) -> None:
+        """``max_total_memory_bytes``: the session that just grew gives frames back until
+        every session together fits (it keeps one frame)."""
+        budget = self.config.max_total_memory_bytes
+        if not budget:
+            return
+        while (sum(c.session.cache_bytes for c in self._cams.values()) > budget
+               and cam.session.vision_cache.num_frames > 1):
+            self.runner.evict_one(cam.session)  # (eviction policy order)
+
+    def _ask(self, cam: _Camera, question: Question) -> None:
+        dialogue = cam.dialogue
         tokens = dialogue.take_pending()
         self._emit_all(dialogue.start_round(question))
         tokens += list(question.token_ids)
         try:
-            self._check_positions(len(tokens))
-            logits = self._feed(tokens)
+            self._check_positions(cam, len(tokens))
+            logits = self._feed(cam, tokens)
         except ValueError as exc:
-            self._emit(ErrorEvent(f'question rejected: {exc}', round_id=question.round_id))
+            self._emit(ErrorEvent(f'question rejected: {exc}', round_id=question.round_id,
+                                  camera=cam.name))
             self._emit_all(dialogue.end_round(END_ERROR))
-            self._reset('question did not fit the context')
+            self._reset(cam, 'question did not fit the context')
             return
-        self._emit_all(dialogue.on_token(self._sample(logits)))
+        self._emit_all(dialogue.on_token(self._sample(cam, logits)))
 
-    def _reset(self, reason: str) -> None:
-        self._num_session_resets += 1
-        self._emit_all(self.dialogue.reset())
-        self._cancel_waiting(END_RESET)
-        self.inbox.reset_rate_limit()
-        self._emit(SessionResetEvent(reason))
-        self._prefill()
+    def _reset(self, cam: _Camera, reason: str) -> None:
+        cam.num_session_resets += 1
+        self._emit_all(cam.dialogue.reset())
+        self._cancel_waiting(END_RESET, cam.name)
+        self.inbox.reset_rate_limit(cam.name)
+        self._emit(SessionResetEvent(reason=reason, camera=cam.name))
+        self._prefill(cam)
 
-    def _end_everything(self, reason: str) -> None:
-        """End the open round and cancel every waiting question with ``reason``."""
-        self._emit_all(self.dialogue.end_round(reason))
-        self._cancel_waiting(reason)
+    def _end_everything(self, cam: _Camera, reason: str) -> None:
+        """End the camera's open round and cancel its waiting questions with ``reason``."""
+        self._emit_all(cam.dialogue.end_round(reason))
+        self._cancel_waiting(reason, cam.name)
 
-    def _cancel_waiting(self, reason: str) -> None:
-        for question in self.inbox.take_questions():
-            self._emit_all(self.dialogue.cancel_question(question, reason))
+    def _cancel_waiting(self, reason: str, camera: Optional[str] = None) -> None:
+        for question in self.inbox.take_questions(camera):
+            self._emit_all(self._cams[question.camera].dialogue.cancel_question(question,
+                                                                                reason))
 
-    def _check_positions(self, n: int) -> None:
-        if self._session.next_pos + n + 8 >= self.runner.max_positions:
-            log.warning('text positions reached the model limit (%d): session reset',
-                        self.runner.max_positions)
-            self._reset('position limit reached')
-
-    def _oldest_frame_index(self) -> int:
-        cached = self._session.vision_cache.frame_indices() if self._session else []
-        return cached[0] if cached else -1
+    def _check_positions(self, cam: _Camera, n: int) -> None:
+        if cam.session.next_pos + n + 8 >= self.runner.max_positions:
+            log.warning('text positions of camera %r reached the model limit (%d): session '
+                        'reset', cam.name, self.runner.max_positions)
+            self._reset(cam, 'position limit reached')

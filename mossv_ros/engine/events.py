@@ -6,7 +6,7 @@ copied untouched from input to output (the ROS layer uses ``builtin_interfaces/T
 """
 from dataclasses import dataclass, field
 import enum
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 # Why an utterance or round ended (Answer.end_reason).
 END_SILENCE = 'silence'
@@ -43,6 +43,7 @@ class Frame:
     frame_id: str = ''
     arrival_ts: float = 0.0
     reset_reason: str = ''
+    camera: str = ''  # set by the engine: the camera (session) it belongs to
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Question:
     round_id: int = 0
     submit_ts: float = 0.0
     token_ids: Tuple[int, ...] = ()  # the user turn, tokenized once at submit
+    camera: str = ''  # the camera (session) asked; resolved at submit
 
 
 @dataclass
@@ -78,6 +80,7 @@ class TokenEvent:
     text: str
     source: FrameRef = field(default_factory=FrameRef)
     emit_ts: float = 0.0
+    camera: str = ''  # the camera (session) it belongs to
 
 
 @dataclass(kw_only=True)
@@ -92,6 +95,7 @@ class SilenceEvent:
     frame_index: int
     previous_duration_sec: float
     source: FrameRef = field(default_factory=FrameRef)
+    camera: str = ''  # the camera (session) it belongs to
 
 
 @dataclass(kw_only=True)
@@ -108,6 +112,7 @@ class AnswerEvent:
     first_frame_index: int
     last_frame_index: int
     source: FrameRef = field(default_factory=FrameRef)
+    camera: str = ''  # the camera (session) it belongs to
 
 
 @dataclass(kw_only=True)
@@ -123,6 +128,7 @@ class RoundEvent:
     kind: str
     reason: str = ''
     question: str = ''
+    camera: str = ''  # the camera (session) it belongs to
 
 
 @dataclass
@@ -135,6 +141,7 @@ class FrameEvent:
 
     image: Any
     source: FrameRef
+    camera: str = ''
 
 
 @dataclass
@@ -142,6 +149,7 @@ class SessionResetEvent:
     """The session was cleared (vision cache and dialogue); ``reason`` says why."""
 
     reason: str
+    camera: str = ''
 
 
 @dataclass
@@ -151,6 +159,7 @@ class ErrorEvent:
     message: str
     fatal: bool = False
     round_id: int = 0
+    camera: str = ''  # '' when not about one camera
 
 
 @dataclass
@@ -167,6 +176,24 @@ class RoundMetrics:
     itl_sec: float = float('nan')
     frame_lag_sec: float = float('nan')
     num_tokens: int = 0
+    end_ts: float = 0.0  # monotonic time the round ended
+
+
+@dataclass
+class CameraStats:
+    """Counters of one camera's session (Status.cameras)."""
+
+    name: str = ''
+    current_round_id: int = 0
+    num_frames_received: int = 0
+    num_frames_cached: int = 0
+    num_dropped_frames: int = 0
+    cache_bytes: int = 0
+    num_context_tokens: int = 0
+    num_session_resets: int = 0
+    last_stamp_sec: Optional[float] = None  # newest stamp admitted (None before any)
+    last_metrics: Optional[RoundMetrics] = None
+    newest_frame: FrameRef = field(default_factory=FrameRef)
 
 
 @dataclass
@@ -193,5 +220,7 @@ class EngineStats:
     num_stamp_outliers: int = 0
     last_error: str = ''
     last_metrics: Optional[RoundMetrics] = None
-    #: the newest frame in the vision cache (index, stamp, frame_id)
+    #: the newest frame in the vision cache (index, stamp, frame_id) of the default camera
     newest_frame: FrameRef = field(default_factory=FrameRef)
+    #: per camera, in ``EngineConfig.cameras`` order
+    cameras: List[CameraStats] = field(default_factory=list)

@@ -2,19 +2,20 @@
 
 Pure Python (no torch). Any thread may put input in (camera callbacks, service handlers); the
 encoder thread takes raw frames out and puts encoded ones back; the engine thread takes the
-next item to act on. Frame admission lives here, with its state: per-topic stamp checks
-(:class:`~.policy.StampPolicy`: a real jump back in time queues a session reset), then, on the
-one stamp of the last frame fed, subsampling to ``frames.rate_hz`` (:func:`~.policy.frame_due`)
-and the camera-gap policy (``frames.reset_after_gap_sec``).
+next item to act on. Frame admission lives here, with its state, per camera (one session
+each): per-topic stamp checks (:class:`~.policy.StampPolicy`: a real jump back in time queues a
+reset of that camera's session), then, on the one stamp of the camera's last frame fed,
+subsampling to ``frames.rate_hz`` (:func:`~.policy.frame_due`) and the camera-gap policy
+(``frames.reset_after_gap_sec``).
 """
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import enum
 import logging
 import math
 import threading
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .config import EngineConfig
 from .events import Frame, Question
@@ -51,10 +52,24 @@ class InboxCounts:
 
 
 @dataclass
+class _CameraInput:
+    """Admission state of one camera."""
+
+    stamps: StampPolicy = field(default_factory=StampPolicy)
+    #: stamp of the last frame admitted, seconds: the rate limit and camera gaps use it
+    last_fed_stamp: Optional[float] = None
+    rate_free: bool = True  # the next frame is due whatever its stamp (new session, jump)
+    gap_reason: str = ''  # camera-gap reset reason of the frame admitted last
+    next_frame_index: int = 0
+    counts: InboxCounts = field(default_factory=InboxCounts)
+
+
+@dataclass
 class Item:
     """What the engine thread acts on next: exactly one of the fields is set."""
 
-    control: Optional[Tuple[Control, Any]] = None
+    #: (kind, camera or None for every camera, arg)
+    control: Optional[Tuple[Control, Optional[str], Any]] = None
     question: Optional[Question] = None
     frame: Optional[Tuple[Frame, Any]] = None  # (frame, its encoded frame from the runner)
 
@@ -62,27 +77,22 @@ class Item:
 class Inbox:
     """Input queues of one engine.
 
-    :param config: the engine configuration (``frame_rate_hz``, ``max_frame_queue``,
-        ``max_pending_questions``, ``reset_after_gap_sec``, ``reset_on_backwards_stamp``);
-        :meth:`update_config` replaces it.
+    :param config: the engine configuration (``cameras``, ``frame_rate_hz``,
+        ``max_frame_queue`` (per camera), ``max_pending_questions``, ``reset_after_gap_sec``,
+        ``reset_on_backwards_stamp``); :meth:`update_config` replaces it.
     """
 
     def __init__(self, config: EngineConfig) -> None:
         self.cv = threading.Condition()
         self.config = config
-        self.counts = InboxCounts()
-        self._frames: deque = deque()  # raw, for the encoder
+        self.counts = InboxCounts()  # questions; frame counters live per camera
+        self._cams: Dict[str, _CameraInput] = {name: _CameraInput() for name in config.cameras}
+        self._frames: deque = deque()  # raw frames, for the encoder
         self._ready: deque = deque()  # (frame, encoded), for the engine
         self._questions: deque = deque()
         self._controls: deque = deque()
-        self._stamps = StampPolicy()
-        #: stamp of the last frame admitted, seconds: the rate limit and camera gaps use it
-        self._last_fed_stamp: Optional[float] = None
-        self._rate_free = True  # the next frame is due whatever its stamp (new session, jump)
-        self._gap_reason = ''  # camera-gap reset reason of the frame admitted last
-        self._next_frame_index = 0
         self._idle = False  # the engine thread waits with nothing to do
-        self._encoding = False  # the encoder thread holds a popped frame
+        self._encoding = 0  # frames the encoder thread holds
         self.closed = False
 
     def update_config(self, config: EngineConfig) -> None:
@@ -100,64 +110,72 @@ class Inbox:
             self.closed = False
 
     # ------------------------------------------------------------------ frames in
-    def admit(self, stamp_sec: float, topic: str = '') -> bool:
-        """Should a frame of ``topic`` stamped ``stamp_sec`` (seconds) be fed? Commits on True.
-
-        Per-topic jump and outlier checks, then subsampling to ``frames.rate_hz``; a real
-        jump back in time queues a session reset when ``reset_on_backwards_stamp``.
-        """
+    def admit(self, stamp_sec: float, topic: str, camera: str) -> bool:
+        """Should a frame of ``camera``'s ``topic`` stamped ``stamp_sec`` (seconds) be fed?
+        Commits on True. Per-topic jump and outlier checks, then subsampling to
+        ``frames.rate_hz``; a real jump back in time queues a reset of that camera's
+        session when ``reset_on_backwards_stamp``."""
         with self.cv:
-            return self._admit_locked(stamp_sec, topic)
+            return self._admit_locked(stamp_sec, topic, camera)
 
-    def _admit_locked(self, stamp_sec: float, topic: str) -> bool:
+    def _admit_locked(self, stamp_sec: float, topic: str, camera: str) -> bool:
         if not math.isfinite(stamp_sec):
             return False
-        stamps, outliers = self._stamps, self._stamps.num_outliers
+        cam = self._cams[camera]
+        stamps, outliers = cam.stamps, cam.stamps.num_outliers
         verdict = stamps.check(topic, stamp_sec)
         if stamps.num_outliers != outliers:
-            self.counts.num_stamp_outliers = stamps.num_outliers
+            cam.counts.num_stamp_outliers = stamps.num_outliers
             log.warning('dropped one frame of %r whose stamp was off its timeline (an outlier;'
                         ' %d so far)', topic, stamps.num_outliers)
         if verdict == STAMP_HELD:
             return False
         if verdict in (STAMP_JUMPED_BACK, STAMP_JUMPED_AHEAD):
-            self._rate_free = True
+            cam.rate_free = True
             if verdict == STAMP_JUMPED_BACK and self.config.reset_on_backwards_stamp:
                 log.warning('stamps of %r jumped back in time: resetting the session', topic)
-                self._controls.append((Control.RESET, 'stamp jumped backwards'))
+                self._controls.append((Control.RESET, camera, 'stamp jumped backwards'))
                 self.cv.notify_all()
-        if not (self._rate_free
-                or frame_due(self._last_fed_stamp, stamp_sec, 1.0 / self.config.frame_rate_hz)):
+        if not (cam.rate_free
+                or frame_due(cam.last_fed_stamp, stamp_sec, 1.0 / self.config.frame_rate_hz)):
             return False
-        self._gap_reason = self._note_gap(stamp_sec)
-        self._rate_free = False
+        cam.gap_reason = self._note_gap(cam, stamp_sec)
+        cam.rate_free = False
         return True
 
     def put_frame(self, frame: Frame, stamp_sec: float, admitted: bool) -> bool:
-        """Queue ``frame`` for the encoder unless :meth:`admit` refuses it (``admitted``:
-        already accepted). The oldest queued frame is dropped (and counted) on overflow.
-        :returns: True if queued."""
+        """Queue ``frame`` (its ``camera`` set) for the encoder unless :meth:`admit` refuses
+        it (``admitted``: already accepted). The camera's oldest queued frame is dropped (and
+        counted) past ``max_frame_queue``. :returns: True if queued."""
         with self.cv:
-            if not admitted and not self._admit_locked(stamp_sec, ''):
+            cam = self._cams[frame.camera]
+            if not admitted and not self._admit_locked(stamp_sec, '', frame.camera):
                 return False
-            frame.reset_reason, self._gap_reason = self._gap_reason, ''
-            if len(self._frames) >= self.config.max_frame_queue:
-                self._frames.popleft()
-                self.counts.num_dropped_frames += 1
+            frame.reset_reason, cam.gap_reason = cam.gap_reason, ''
+            if self._drop_oldest(self._frames, frame.camera, lambda f: f):
+                cam.counts.num_dropped_frames += 1
             self._frames.append(frame)
-            self.counts.num_frames_received += 1
+            cam.counts.num_frames_received += 1
             self.cv.notify_all()
         return True
 
-    def _note_gap(self, t: float) -> str:
-        """Track the gap between fed frames (stamp seconds). :returns: a reset reason when
-        the gap exceeds ``reset_after_gap_sec`` (the session restarts right before this
-        frame, after the frames queued ahead of it), else ''."""
-        last, self._last_fed_stamp = self._last_fed_stamp, t
+    def _drop_oldest(self, queue: deque, camera: str, frame_of) -> bool:
+        """Past ``max_frame_queue`` frames of ``camera`` in ``queue``: drop its oldest."""
+        mine = [x for x in queue if frame_of(x).camera == camera]
+        if len(mine) < self.config.max_frame_queue:
+            return False
+        queue.remove(mine[0])
+        return True
+
+    def _note_gap(self, cam: _CameraInput, t: float) -> str:
+        """Track the gap between a camera's fed frames (stamp seconds). :returns: a reset
+        reason when it exceeds ``reset_after_gap_sec`` (the session restarts right before
+        this frame, after the frames queued ahead of it), else ''."""
+        last, cam.last_fed_stamp = cam.last_fed_stamp, t
         if last is None or t <= last:
             return ''
         gap = t - last
-        c = self.counts
+        c = cam.counts
         c.longest_frame_gap_sec = max(c.longest_frame_gap_sec, gap)
         limit = self.config.reset_after_gap_sec
         if limit and gap > limit:
@@ -169,51 +187,63 @@ class Inbox:
     def topic_stamps(self) -> dict:
         """{topic: its newest stamp, seconds} of every camera topic seen."""
         with self.cv:
-            return self._stamps.topic_stamps()
+            out = {}
+            for cam in self._cams.values():
+                out.update(cam.stamps.topic_stamps())
+            return out
 
-    def last_stamp_sec(self) -> Optional[float]:
-        """Newest image stamp admitted or checked, seconds (None before any)."""
+    def last_stamp_sec(self, camera: Optional[str] = None) -> Optional[float]:
+        """Newest image stamp admitted or checked, seconds, of ``camera`` (None: of any);
+        None before any."""
         with self.cv:
-            return self._stamps.last_stamp_sec()
+            cams = self._cams.values() if camera is None else [self._cams[camera]]
+            stamps = [s for s in (c.stamps.last_stamp_sec() for c in cams) if s is not None]
+            return max(stamps) if stamps else None
 
-    def reset_rate_limit(self) -> None:
-        """The session restarted: the next frame is fed whatever its stamp."""
+    def reset_rate_limit(self, camera: str) -> None:
+        """The camera's session restarted: its next frame is fed whatever its stamp."""
         with self.cv:
-            self._rate_free = True
+            self._cams[camera].rate_free = True
 
     # ------------------------------------------------------------------ encoder side
-    def take_frame_to_encode(self, may_encode) -> Optional[Tuple[Frame, int]]:
-        """Block until a raw frame is queued and ``may_encode()`` (a session exists), then
-        pop it with its frame index. :returns: None once closed."""
+    def take_frames_to_encode(self, may_encode, max_frames: int) -> Optional[List[Tuple]]:
+        """Block until raw frames are queued and ``may_encode()`` (sessions exist), then pop
+        up to ``max_frames`` of them (frames that arrived together are encoded in one batch),
+        each with its camera's next frame index. :returns: [(frame, index)], None once
+        closed."""
         with self.cv:
             while not self.closed and not (self._frames and may_encode()):
                 self.cv.wait(0.05)
             if self.closed:
                 return None
-            index = self._next_frame_index
-            self._next_frame_index += 1
-            self._encoding = True
-            return self._frames.popleft(), index
+            out = []
+            while self._frames and len(out) < max_frames:
+                frame = self._frames.popleft()
+                cam = self._cams[frame.camera]
+                out.append((frame, cam.next_frame_index))
+                cam.next_frame_index += 1
+            self._encoding = len(out)
+            return out
 
     def put_encoded(self, frame: Frame, encoded) -> None:
         """The encoder's result for the engine (None: the frame could not be encoded)."""
         with self.cv:
-            self._encoding = False
+            self._encoding = max(0, self._encoding - 1)
+            counts = self._cams[frame.camera].counts
             if encoded is None:
-                self.counts.num_dropped_frames += 1
+                counts.num_dropped_frames += 1
             else:
-                if len(self._ready) >= self.config.max_frame_queue:
-                    self._ready.popleft()
-                    self.counts.num_dropped_frames += 1
+                if self._drop_oldest(self._ready, frame.camera, lambda item: item[0]):
+                    counts.num_dropped_frames += 1
                 self._ready.append((frame, encoded))
-                self.counts.num_frames_encoded += 1
+                counts.num_frames_encoded += 1
             self.cv.notify_all()
 
     # ------------------------------------------------------------------ questions, controls
     def put_question(self, question_of) -> Tuple[Question, Optional[Question]]:
-        """Queue the question ``question_of(round_id)`` builds, under the lock (so round ids
-        are queued in order). :returns: (question, the oldest waiting one it superseded or
-        None: the queue holds ``max_pending_questions``)."""
+        """Queue the question ``question_of()`` builds, under the lock (so round ids are
+        queued in order). :returns: (question, the oldest waiting one it superseded or None:
+        the queue holds ``max_pending_questions``)."""
         with self.cv:
             question = question_of()
             self.counts.num_rounds_started += 1
@@ -235,22 +265,25 @@ class Inbox:
                 self.counts.num_questions_cancelled += 1
             return waiting
 
-    def take_questions(self) -> list:
-        """Every waiting question, now removed (the caller cancels them)."""
+    def take_questions(self, camera: Optional[str] = None) -> list:
+        """Every waiting question (of ``camera``; None: of all), now removed (the caller
+        cancels them)."""
         with self.cv:
-            out = list(self._questions)
-            self._questions.clear()
+            out = [q for q in self._questions if camera is None or q.camera == camera]
+            for q in out:
+                self._questions.remove(q)
             return out
 
-    def put_control(self, kind: Control, arg) -> None:
+    def put_control(self, kind: Control, camera: Optional[str], arg) -> None:
+        """Queue a control for ``camera`` (None: every camera)."""
         with self.cv:
-            self._controls.append((kind, arg))
+            self._controls.append((kind, camera, arg))
             self.cv.notify_all()
 
     # ------------------------------------------------------------------ engine side
     def next_item(self, wait: bool, timeout: float = 0.1) -> Item:
         """The next thing for the engine thread: a control, else a question, else an
-        encoded frame. With ``wait`` (the model is silent: nothing to decode) and nothing
+        encoded frame. With ``wait`` (every session silent: nothing to decode) and nothing
         queued, the engine counts as idle and this waits up to ``timeout`` seconds.
 
         :returns: an :class:`Item`; all fields None when nothing came.
@@ -288,6 +321,16 @@ class Inbox:
                     return False
                 self.cv.wait(min(left, 0.05))
 
-    def snapshot(self) -> InboxCounts:
+    def snapshot(self) -> Tuple[InboxCounts, Dict[str, InboxCounts]]:
+        """(totals, {camera: its counters}), copies."""
         with self.cv:
-            return InboxCounts(**vars(self.counts))
+            per = {name: InboxCounts(**vars(c.counts)) for name, c in self._cams.items()}
+            total = InboxCounts(**vars(self.counts))
+            for c in per.values():
+                total.num_frames_received += c.num_frames_received
+                total.num_frames_encoded += c.num_frames_encoded
+                total.num_dropped_frames += c.num_dropped_frames
+                total.num_stamp_outliers += c.num_stamp_outliers
+                total.longest_frame_gap_sec = max(total.longest_frame_gap_sec,
+                                                  c.longest_frame_gap_sec)
+            return total, per

@@ -142,36 +142,53 @@ def stream_episode(engine, episode: Episode, stamp_base: float = 0.0,
     Frame t is stamped ``stamp_base + t`` seconds (1 fps); questions are submitted between
     frames. :raises RuntimeError: the engine did not become idle within ``timeout``.
     """
+    camera = engine.config.cameras[0]
+    return stream_episodes(engine, {camera: episode}, stamp_base, timeout)[camera]
+
+
+def stream_episodes(engine, episodes: Dict[str, Episode], stamp_base: float = 0.0,
+                    timeout: float = 30.0) -> Dict[str, List[Utterance]]:
+    """Stream episodes at once, one per camera of a started engine (fresh sessions), and
+    collect each camera's utterances: frame t of every camera arrives together
+    (``submit_frames``), then the questions, each batch consumed before the next.
+
+    :param episodes: {camera: episode}. Frame t is stamped ``stamp_base + t`` seconds.
+    :raises RuntimeError: the engine did not become idle within ``timeout``, or a question
+        was rejected.
+    """
     from ..engine.events import AnswerEvent, Frame
 
-    by_frame = {q.after_frame: q for q in episode.questions if not q.interrupt}
-    answers = []  # (frame, round_id, revision, is_final, text) in emit order
+    asked = {cam: {q.after_frame: q for q in ep.questions if not q.interrupt}
+             for cam, ep in episodes.items()}
+    answers = {cam: [] for cam in episodes}  # (frame, round_id, revision, is_final, text)
 
     def drain():
         for ev in engine.poll_events():
             # (a reset ends the previous episode's round: its closing event is older)
-            if isinstance(ev, AnswerEvent) and ev.source.stamp is not None \
-                    and ev.source.stamp >= stamp_base:
-                answers.append((int(round(ev.source.stamp - stamp_base)), ev.round_id,
-                                ev.revision, ev.is_final, ev.text))
+            if isinstance(ev, AnswerEvent) and ev.camera in answers \
+                    and ev.source.stamp is not None and ev.source.stamp >= stamp_base:
+                answers[ev.camera].append((int(round(ev.source.stamp - stamp_base)),
+                                           ev.round_id, ev.revision, ev.is_final, ev.text))
 
     def idle():
         if not engine.wait_idle(timeout):
             raise RuntimeError(f'engine not idle after {timeout} s (state {engine.state})')
 
-    for t in range(episode.num_frames):
+    for t in range(max(ep.num_frames for ep in episodes.values())):
         stamp = stamp_base + t
-        engine.submit_frame(Frame(episode.frame(t), stamp=stamp), stamp_sec=stamp)
+        engine.submit_frames([(Frame(ep.frame(t), stamp=stamp), stamp, cam)
+                              for cam, ep in episodes.items() if t < ep.num_frames])
         idle()
-        q = by_frame.get(t)
-        if q is not None:
-            ok, _, message = engine.submit_question(q.text)
+        questions = [(cam, qs[t]) for cam, qs in asked.items() if t in qs]
+        for cam, q in questions:
+            ok, _, message = engine.submit_question(q.text, camera=cam)
             if not ok:
                 raise RuntimeError(f'question rejected: {message}')
+        if questions:
             idle()
         drain()
     drain()
-    return utterances(answers)
+    return {cam: utterances(a) for cam, a in answers.items()}
 
 
 def evaluate(model_dir: Path, episodes: Sequence[Episode]) -> Tuple[dict, list]:
