@@ -179,7 +179,8 @@ def from_frames(frames: Iterable[Tuple[float, np.ndarray]], out_bag: str,
                 t, text = pending.pop(0)
                 ns = start_ns + int(t * 1e9)
                 msg = types[QUESTION_TYPE](header=header(ns, ''), text=text,
-                                           request_id=f'bag-{counts[question_topic]}')
+                                           request_id=f'bag-{counts[question_topic]}',
+                                           camera='')
                 writer.write(asks, ns, store.serialize_cdr(msg, QUESTION_TYPE))
                 counts[question_topic] += 1
                 written_ns.append(ns)

@@ -38,7 +38,7 @@ def cmd_demo(ns) -> int:
 
 def cmd_ask(ns) -> int:
     from .ros.client import ask
-    return ask(ns.prompt, node=ns.node, timeout_sec=ns.timeout)
+    return ask(ns.prompt, node=ns.node, timeout_sec=ns.timeout, camera=ns.camera)
 
 
 def cmd_offline(ns) -> int:
@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument('prompt')
     ask.add_argument('--node', default='/mossv_assistant', help='the assistant node name')
     ask.add_argument('--timeout', type=float, default=60.0, help='seconds to wait')
+    ask.add_argument('--camera', default='',
+                     help="which camera (cameras.names); '' = the default (first) camera")
     ask.set_defaults(func=cmd_ask)
     bag = sub.add_parser('bag', help='rosbag2 tools: from-video, play')
     bag_sub = bag.add_subparsers(dest='bag_command', required=True)

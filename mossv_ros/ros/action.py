@@ -42,7 +42,7 @@ class AnswerQuestionServer:
     """The action server of the assistant node.
 
     :param node: the node (the server lives in every lifecycle state).
-    :param submit: ``submit(prompt, request_id) -> (accepted, round_id, message)``.
+    :param submit: ``submit(prompt, request_id, camera) -> (accepted, round_id, message)``.
     :param cancel_round: ``cancel_round(round_id, reason)`` of the engine.
     """
 
@@ -63,7 +63,8 @@ class AnswerQuestionServer:
     async def _execute(self, handle):
         goal = handle.request
         with self._lock:
-            accepted, round_id, message = self._submit(goal.prompt, goal.request_id)
+            accepted, round_id, message = self._submit(goal.prompt, goal.request_id,
+                                                       goal.camera)
             if accepted:
                 state = _Goal(handle, round_id, Future())
                 self._goals[round_id] = state

@@ -69,8 +69,10 @@ class AnswerView(Node):
             self.finished.add(msg.round_id)
 
 
-def ask(prompt: str, node: str = '/mossv_assistant', timeout_sec: float = 60.0) -> int:
-    """Call ``<node>/ask``; print the streamed answer until its round ends or the timeout.
+def ask(prompt: str, node: str = '/mossv_assistant', timeout_sec: float = 60.0,
+        camera: str = '') -> int:
+    """Call ``<node>/ask`` (about ``camera``, '' = the default one); print the streamed
+    answer until its round ends or the timeout.
 
     :returns: 0 on a final answer, 1 when rejected, 2 on timeout.
     """
@@ -86,7 +88,7 @@ def ask(prompt: str, node: str = '/mossv_assistant', timeout_sec: float = 60.0) 
             return 2
         end = time.monotonic() + timeout_sec
         while True:
-            future = client.call_async(Ask.Request(prompt=prompt))
+            future = client.call_async(Ask.Request(prompt=prompt, camera=camera))
             executor.spin_until_future_complete(future, timeout_sec=10.0)
             response = future.result()
             # the node serves ~/ask while it loads the model: wait for it to come up

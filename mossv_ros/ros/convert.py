@@ -103,7 +103,7 @@ def token_msg(event: ev.TokenEvent):
     from mossv_ros.msg import Token
     msg = Token(round_id=event.round_id, request_id=event.request_id,
                 revision=event.revision, token_index=event.token_index,
-                token_id=event.token_id, text=event.text)
+                token_id=event.token_id, text=event.text, camera=event.camera)
     return _header(msg, event.source)
 
 
@@ -112,7 +112,8 @@ def silence_msg(event: ev.SilenceEvent):
     msg = Silence(round_id=event.round_id,
                   state=Silence.STATE_SILENT if event.is_silent else Silence.STATE_SPEAKING,
                   frame_index=max(event.frame_index, 0),
-                  previous_duration_sec=float(event.previous_duration_sec))
+                  previous_duration_sec=float(event.previous_duration_sec),
+                  camera=event.camera)
     return _header(msg, event.source)
 
 
@@ -122,16 +123,16 @@ def answer_msg(event: ev.AnswerEvent):
                  question=event.question, text=event.text, is_final=event.is_final,
                  end_reason=event.end_reason,
                  first_frame_index=event.first_frame_index,
-                 last_frame_index=event.last_frame_index)
+                 last_frame_index=event.last_frame_index, camera=event.camera)
     return _header(msg, event.source)
 
 
-def rejected_answer_msg(request_id: str, question: str, reason: str):
+def rejected_answer_msg(request_id: str, question: str, reason: str, camera: str = ''):
     """The final Answer of a Question that was never accepted (``end_reason`` 'rejected:
-    <why>', round 0)."""
+    <why>', round 0; ``camera`` as asked)."""
     from mossv_ros.msg import Answer
     return Answer(request_id=request_id, question=question, is_final=True,
-                  end_reason=f'rejected: {reason}')
+                  end_reason=f'rejected: {reason}', camera=camera)
 
 
 def cancelled_answer_msg(event: ev.RoundEvent):
@@ -140,16 +141,33 @@ def cancelled_answer_msg(event: ev.RoundEvent):
     from mossv_ros.msg import Answer
     return Answer(round_id=event.round_id, request_id=event.request_id,
                   question=event.question, is_final=True,
-                  end_reason=f'cancelled: {event.reason}')
+                  end_reason=f'cancelled: {event.reason}', camera=event.camera)
 
 
 STATUS_STATES = {'unloaded': 0, 'loading': 1, 'ready': 2, 'error': 3}
 
 
+def camera_status_msg(cam: ev.CameraStats, frame_gap_sec: float = math.nan):
+    """One camera's entry of ``Status.cameras``."""
+    from mossv_ros.msg import CameraStatus
+    m = cam.last_metrics or ev.RoundMetrics()
+    msg = CameraStatus(name=cam.name, current_round_id=cam.current_round_id,
+                       num_frames_received=cam.num_frames_received,
+                       num_frames_cached=cam.num_frames_cached,
+                       num_dropped_frames=cam.num_dropped_frames, cache_bytes=cam.cache_bytes,
+                       num_context_tokens=cam.num_context_tokens,
+                       num_session_resets=cam.num_session_resets,
+                       frame_gap_sec=float(frame_gap_sec), frame_lag_sec=float(m.frame_lag_sec),
+                       ttft_sec=float(m.ttft_sec))
+    return _header(msg, cam.newest_frame)
+
+
 def status_msg(stats: ev.EngineStats, num_invalid_frames: int,
-               frame_gap_sec: float = math.nan, warning: str = ''):
+               frame_gap_sec: float = math.nan, warning: str = '', camera_gaps=None):
+    """``Status`` from the engine's counters; ``camera_gaps``: {camera: frame_gap_sec}."""
     from mossv_ros.msg import Status
     m = stats.last_metrics or ev.RoundMetrics()
+    gaps = camera_gaps or {}
     msg = Status(state=STATUS_STATES.get(stats.state, 3), state_text=stats.state,
                  model_name=stats.model_name, current_round_id=stats.current_round_id,
                  num_frames_received=stats.num_frames_received,
@@ -164,5 +182,7 @@ def status_msg(stats: ev.EngineStats, num_invalid_frames: int,
                  num_session_resets=stats.num_session_resets,
                  num_oom_events=stats.num_oom_events,
                  num_stamp_outliers=stats.num_stamp_outliers, last_error=stats.last_error,
-                 warning=warning)
+                 warning=warning,
+                 cameras=[camera_status_msg(c, gaps.get(c.name, math.nan))
+                          for c in stats.cameras])
     return _header(msg, stats.newest_frame)

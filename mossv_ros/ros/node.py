@@ -33,6 +33,7 @@ from .diagnostics import diagnostic_array
 from .executor import MultiThreadedExecutor
 from .overlay import OverlayPublisher, OverlayText
 from .params import (
+    camera_topics,
     coerce_param,
     engine_config_from_params,
     engine_defaults,
@@ -316,17 +317,24 @@ class AssistantNode(LifecycleNode):
                          reliability=(ReliabilityPolicy.BEST_EFFORT if reliability ==
                                       'best_effort' else ReliabilityPolicy.RELIABLE))
         compressed = self._param('topics.transport') == 'compressed'
-        topics = [(CompressedImage, f'{t}/compressed') if compressed else (Image, t)
-                  for t in self._param('topics.images') if t]
-        topics += [(CompressedImage, t) for t in self._param('topics.compressed_images') if t]
-        for msg_type, topic in topics:
+        names, camera_topics = self._camera_config()
+        if names:  # a session per camera: one image topic each
+            pairs = list(zip(camera_topics, names))
+        else:  # the single-camera configuration: every topic feeds the default camera
+            pairs = [(t, '') for t in self._param('topics.images') if t]
+        topics = [(CompressedImage, f'{t}/compressed', cam) if compressed else (Image, t, cam)
+                  for t, cam in pairs]
+        topics += [(CompressedImage, t, '') for t in self._param('topics.compressed_images')
+                   if t and not names]
+        for msg_type, topic, camera in topics:
             topic = self.resolve_topic_name(topic)  # one name per camera: logs, counts, stamps
             to_rgb = (convert.compressed_to_rgb if msg_type is CompressedImage
                       else convert.image_to_rgb)
             events = SubscriptionEventCallbacks(incompatible_qos=functools.partial(
                 self._on_incompatible_qos, topic=topic))
             self._io.append(self.create_subscription(
-                msg_type, topic, functools.partial(self._ingest, to_rgb=to_rgb, topic=topic),
+                msg_type, topic, functools.partial(self._ingest, to_rgb=to_rgb, topic=topic,
+                                                   camera=camera),
                 qos, callback_group=self._image_cb, event_callbacks=events))
         if not topics:
             self.get_logger().warning('no image topics (topics.images is empty): questions '
@@ -409,7 +417,12 @@ class AssistantNode(LifecycleNode):
         """A raw image on the default topic (tests and in-process users call this)."""
         self._ingest(msg, convert.image_to_rgb, self.resolve_topic_name('image'))
 
-    def _ingest(self, msg, to_rgb, topic: str) -> None:
+    def _camera_config(self):
+        """(camera names, their topics) from ``cameras.names`` / ``cameras.topics``."""
+        return camera_topics({'cameras.names': self._param('cameras.names'),
+                              'cameras.topics': self._param('cameras.topics')})
+
+    def _ingest(self, msg, to_rgb, topic: str, camera: str = '') -> None:
         self._num_images_seen += 1
         counts = self._camera_counts.setdefault(topic, [0, 0])
         counts[0] += 1
@@ -427,7 +440,7 @@ class AssistantNode(LifecycleNode):
             stamp, stamp_sec = now.to_msg(), now.nanoseconds * 1e-9
             self._warn('zero_stamp', f'images on {topic} have zero stamps: the node clock '
                        'stamps them and their outputs')
-        if not self.engine.admit(stamp_sec, topic):
+        if not self.engine.admit(stamp_sec, topic, camera):
             return  # subsampled to frames.rate_hz (or an odd stamp) before any conversion
         try:
             rgb = to_rgb(msg)
@@ -438,7 +451,7 @@ class AssistantNode(LifecycleNode):
                        f'[{self._num_invalid} invalid so far]')
             return
         self.engine.submit_frame(ev.Frame(rgb, stamp, msg.header.frame_id),
-                                 stamp_sec=stamp_sec, admitted=True)
+                                 stamp_sec=stamp_sec, admitted=True, camera=camera)
 
     def _on_incompatible_qos(self, event, topic: str) -> None:
         """A camera publisher this subscription can never match (rclpy QoS event)."""
@@ -475,7 +488,7 @@ class AssistantNode(LifecycleNode):
         self._warn('no_frames', f'no image in {NO_FRAME_WARNING_SEC:.0f} s since activation'
                    + (': ' + '; '.join(hints) if hints else ' (is the camera publishing?)'))
 
-    def _submit(self, text: str, request_id: str):
+    def _submit(self, text: str, request_id: str, camera: str = ''):
         if self._loading:
             return False, 0, 'not ready: the model is loading'
         if not self._active:
@@ -484,7 +497,7 @@ class AssistantNode(LifecycleNode):
                               '(activate it, or call ~/reset after an error)')
         if self.engine is None:
             return False, 0, 'model not loaded (set model.path)'
-        return self.engine.submit_question(text, request_id)
+        return self.engine.submit_question(text, request_id, camera)
 
     def _cancel_round(self, round_id: int, reason: str) -> None:
         if self.engine is not None:
@@ -492,15 +505,15 @@ class AssistantNode(LifecycleNode):
 
     def _on_ask(self, request, response):
         response.accepted, response.round_id, response.message = self._submit(
-            request.prompt, request.request_id)
+            request.prompt, request.request_id, request.camera)
         return response
 
     def _on_question(self, msg) -> None:
-        accepted, round_id, message = self._submit(msg.text, msg.request_id)
+        accepted, round_id, message = self._submit(msg.text, msg.request_id, msg.camera)
         if not accepted:
             self.get_logger().warning(f'question {msg.request_id!r} rejected: {message}')
             self._pubs['answer'].publish(convert.rejected_answer_msg(
-                msg.request_id, msg.text, message))
+                msg.request_id, msg.text, message, msg.camera))
 
     def _on_reset(self, request, response):
         if self.engine is None:
@@ -538,7 +551,9 @@ class AssistantNode(LifecycleNode):
         pubs = self._pubs
         if isinstance(event, (ev.TokenEvent, ev.AnswerEvent, ev.RoundEvent)):
             self._answer_action.on_event(event)
-        self._update_overlay(event)
+        engine = self.engine
+        if engine is None or getattr(event, 'camera', '') in ('', engine.config.cameras[0]):
+            self._update_overlay(event)  # ~/overlay shows the default camera
         if isinstance(event, ev.TokenEvent):
             pubs['tokens'].publish(convert.token_msg(event))
         elif isinstance(event, ev.SilenceEvent):
@@ -619,11 +634,13 @@ class AssistantNode(LifecycleNode):
         # NaN before any image or while the (sim) clock has not started; never negative
         last, now_ns = (self.engine.last_stamp_sec() if self.engine else None,
                         self.get_clock().now().nanoseconds)
-        gap = math.nan if last is None or now_ns == 0 else max(0.0, now_ns * 1e-9 - last)
+        def gap_to(last):
+            return math.nan if last is None or now_ns == 0 else max(0.0, now_ns * 1e-9 - last)
         text, ts = self._warning
         warning = text if text and time.monotonic() - ts < 30.0 else ''
-        self._pubs['status'].publish(convert.status_msg(stats, self._num_invalid, gap,
-                                                        warning))
+        gaps = {c.name: gap_to(c.last_stamp_sec) for c in stats.cameras}
+        self._pubs['status'].publish(convert.status_msg(stats, self._num_invalid, gap_to(last),
+                                                        warning, gaps))
 
     def _model_name(self) -> str:
         path = str(self._param('model.path'))

@@ -25,6 +25,7 @@ PARAM_TO_FIELD = {
     'cache.eviction_policy': 'eviction_policy',
     'cache.max_context_tokens': 'max_context_tokens',
     'cache.max_memory_bytes': 'max_memory_bytes',
+    'cache.max_total_memory_bytes': 'max_total_memory_bytes',
     'prompt.max_chars': 'max_prompt_chars',
     'prompt.max_pending': 'max_pending_questions',
     'round.close_after_frames': 'round_close_after_frames',
@@ -38,6 +39,8 @@ SAMPLING_PARAMS = ('temperature', 'top_k', 'top_p', 'repetition_penalty', 'max_n
 NODE_DEFAULTS = {
     'topics.images': ['image'],
     'topics.compressed_images': [''],
+    'cameras.names': [''],
+    'cameras.topics': [''],
     'qos.image_reliability': 'best_effort',
     'status.period_sec': 1.0,
     'topics.transport': 'raw',
@@ -141,6 +144,10 @@ def validate_node_params(values: dict) -> None:
                 and low <= value <= 3600.0):
             raise ValueError(f'{name}={value!r} is invalid: expected a float in [{low}, 3600] '
                              '(seconds)')
+    names, topics = camera_topics(values)
+    if len(names) != len(topics):
+        raise ValueError(f'cameras.names={names!r} and cameras.topics={topics!r} are invalid: '
+                         'expected one image topic per camera name, in the same order')
     transport = values.get('topics.transport', NODE_DEFAULTS['topics.transport'])
     if transport not in TRANSPORTS:
         raise ValueError(f'topics.transport={transport!r} is invalid: expected one of '
@@ -149,6 +156,15 @@ def validate_node_params(values: dict) -> None:
     if rel not in RELIABILITIES:
         raise ValueError(f'qos.image_reliability={rel!r} is invalid: expected one of '
                          f'{RELIABILITIES}')
+
+
+def camera_topics(values: dict):
+    """(names, topics) of ``cameras.names`` / ``cameras.topics`` (empty entries dropped;
+    both empty: the single-camera configuration, ``topics.images``)."""
+    names = [n for n in values.get('cameras.names', NODE_DEFAULTS['cameras.names']) or [] if n]
+    topics = [t for t in values.get('cameras.topics', NODE_DEFAULTS['cameras.topics']) or []
+              if t]
+    return names, topics
 
 
 def engine_defaults() -> dict:
@@ -167,6 +183,9 @@ def engine_config_from_params(values: dict) -> EngineConfig:
     fields = {PARAM_TO_FIELD[k]: v for k, v in values.items() if k in PARAM_TO_FIELD}
     fields['sampling'] = {k: values[f'sampling.{k}'] for k in SAMPLING_PARAMS
                           if f'sampling.{k}' in values}
+    names, _ = camera_topics(values)
+    if names:
+        fields['cameras'] = tuple(names)
     return EngineConfig.from_dict(fields)
 
 
