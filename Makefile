@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # toyworld through ROS, launch, ros2 CLI, colcon, the hostile suite, action/diagnostics/overlay.
 JAZZY_TESTS = test/test_ros.py test/test_executor.py test/test_faults.py test/test_bag_e2e.py \
 	test/test_toyworld_ros.py test/test_launch.py test/test_ros2_cli.py test/test_colcon.py \
-	test/test_hostile_ros.py test/test_robot_interfaces.py
+	test/test_hostile_ros.py test/test_robot_interfaces.py test/test_cameras_ros.py
 
 setup:
 	@bash scripts/setup_env.sh
@@ -26,6 +26,7 @@ test-jazzy:
 
 bench: setup
 	$(PY) bench/run_cpu.py
+	$(PY) bench/bench_sessions.py
 
 # Retrain the shipped toyworld model (CPU, about 14 minutes) and score it.
 toyworld: setup

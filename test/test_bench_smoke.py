@@ -21,4 +21,5 @@ def test_gpu_bench_runs_tiny_on_cpu():
     assert ours['frames_cached'] == 16 and ours['ttft_s'] > 0 and ours['frame_encode_s'] > 0
     assert ours['tokens_per_s_0fps'] > 0 and ours['tokens_per_s_1fps'] > 0
     assert report['hf_generate']['frames'] == 16 and report['hf_generate']['ttft_s'] > 0
+    assert set(report['sessions']['tokens_per_s']) == {'1', '2', '4'}
     assert 'transformers' in res.stdout and 'TTFT' in res.stdout
