@@ -161,3 +161,30 @@ def test_ros2_launch_params_file_alone_then_sigint(tmp_path):
     assert took < 5.0, f'{took:.1f} s\n{out}'
     assert 'process has finished cleanly' in out, out
     assert processes_mentioning(str(params)) == [], 'processes left behind'
+
+
+@needs_tools
+def test_ros2_launch_two_cameras_as_the_readme_shows(tmp_path):
+    """The README's two-camera launch: the packaged config/two_cameras.yaml found through
+    ``ros2 pkg prefix``, the model and device as launch arguments; the node subscribes one
+    topic per camera and reports each camera in Status."""
+    prefix = ros2('pkg', 'prefix', 'mossv_ros').stdout.strip()
+    params = Path(prefix) / 'share' / 'mossv_ros' / 'config' / 'two_cameras.yaml'
+    assert params.is_file(), params
+    log = tmp_path / 'launch.log'
+    proc = start([str(BIN / 'ros2'), 'launch', 'mossv_ros', 'assistant.launch.py',
+                  f'model_path:={toyworld_dir()}', 'device:=cpu', f'params_file:={params}'],
+                 log=log)
+    try:
+        out = wait_log(log, 'active: listening on', 90, proc)
+        assert '/head/image' in out and '/wrist/image' in out, out
+        got = ros2_retry('param', 'get', '/mossv_assistant', 'cameras.names',
+                         until=lambda o: 'values are' in o)
+        assert 'head' in got and 'wrist' in got, got
+        status = ros2_retry('topic', 'echo', '--once', '/mossv_assistant/status',
+                            until=lambda o: 'name: wrist' in o)
+        assert 'name: head' in status, status
+        code, _ = interrupt(proc, timeout=10)
+    finally:
+        kill_group(proc)
+    assert code == 0, log.read_text()
