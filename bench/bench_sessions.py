@@ -14,31 +14,34 @@ from pathlib import Path
 import tempfile
 import time
 
-from common import machine, median, MID_CONFIG, verdict, write_json, write_model
+from common import (
+    machine,
+    median,
+    MID_CONFIG,
+    speaking_engine,
+    verdict,
+    write_json,
+    write_model,
+)
 
 from mossv_ros.engine.config import EngineConfig, SamplingConfig
-from mossv_ros.engine.engine import StreamingEngine
 from mossv_ros.engine.events import RoundEvent, TokenEvent
-from mossv_ros.engine.sampling import Sampler
+from mossv_ros.engine.runner import ModelRunner
 
 QUESTION = 'What is in front of the camera right now?'
 
 
-def _engine(path, n, speak: bool):
-    """A started engine of ``n`` cameras on the mid model; with ``speak`` every session
-    speaks without pause (``<|silence|>`` suppressed), else the stock sampler."""
-    cfg = EngineConfig(model_path=str(path), device='cpu', dtype='float32', max_frames=16,
-                       max_context_tokens=8192, round_close_after_sec=0.0,
-                       cameras=tuple(f'cam{i}' for i in range(n)),
-                       sampling=SamplingConfig(max_new_tokens=1_000_000))
-    engine = StreamingEngine(cfg)
-    engine.start()
-    assert engine.wait_ready(300), engine.stats().last_error
-    if speak:
-        runner = engine.runner
-        engine._sampler = Sampler(cfg.sampling, runner.suppressed_ids() + [runner.special.silence],
-                                  runner.vocab_size)
-    return engine
+def _config(path, n) -> EngineConfig:
+    return EngineConfig(model_path=str(path), device='cpu', dtype='float32', max_frames=16,
+                        max_context_tokens=8192, round_close_after_sec=0.0,
+                        cameras=tuple(f'cam{i}' for i in range(n)),
+                        sampling=SamplingConfig(max_new_tokens=1_000_000))
+
+
+def _engine(runner, path, n):
+    """A started engine of ``n`` cameras on the loaded mid model in which every session
+    speaks without pause (``<|silence|>`` suppressed)."""
+    return speaking_engine(runner, _config(path, n))
 
 
 def _tokens_per_sec(engine, window_s: float) -> dict:
@@ -90,9 +93,10 @@ def main(argv=None):
     parser.add_argument('--repeats', type=int, default=5, help='TTFT repeats')
     ns = parser.parse_args(argv)
     path = write_model('mid', Path(tempfile.mkdtemp()))
+    runner = ModelRunner(_config(path, 1))  # loaded once, shared by every engine below
     decode = {}
     for n in (1, 2, 4):
-        engine = _engine(path, n, speak=True)
+        engine = _engine(runner, path, n)
         try:
             decode[n] = _tokens_per_sec(engine, ns.window)
         finally:
@@ -102,12 +106,12 @@ def main(argv=None):
     # TTFT of a question to cam0: alone (one camera, speaking until asked) and with 3 other
     # sessions speaking (four cameras, all speaking): the question waits for the decode step
     # under way, then its prefill runs on its own session
-    engine = _engine(path, 1, speak=True)
+    engine = _engine(runner, path, 1)
     try:
         alone = _ttft(engine, 'cam0', ns.repeats)
     finally:
         engine.stop()
-    engine = _engine(path, 4, speak=True)
+    engine = _engine(runner, path, 4)
     try:
         for cam in ('cam1', 'cam2', 'cam3'):
             engine.submit_question(QUESTION, camera=cam)

@@ -108,12 +108,6 @@ class StreamingEngine:
         cam = self._cams.get(self.config.cameras[0])
         return cam.session if cam is not None else None
 
-    @property
-    def dialogue(self) -> Optional[Dialogue]:
-        """The default camera's dialogue (None before the model loads)."""
-        cam = self._cams.get(self.config.cameras[0])
-        return cam.dialogue if cam is not None else None
-
     def sessions(self) -> dict:
         """{camera: its :class:`~.runner.Session`} (read-only outside the engine thread)."""
         return {name: cam.session for name, cam in self._cams.items()}

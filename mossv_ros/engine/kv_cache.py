@@ -190,6 +190,15 @@ class VisionCache:
         end = self.high_water * self.tokens_per_frame
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def frame_positions(self, num_slots: Optional[int] = None) -> np.ndarray:
+        """int64 (num_slots,) ``<|image|>`` position of each slot (default: up to the high
+        water mark); free slots get :data:`FREE_SLOT_POS` (never visible)."""
+        out = np.full(self.high_water if num_slots is None else num_slots, FREE_SLOT_POS,
+                      dtype=np.int64)
+        used = self.slot_pos[:self.high_water]
+        out[:self.high_water] = np.where(used >= 0, used, FREE_SLOT_POS)
+        return out
+
     def visibility(self, positions) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Cumulative cross-attention mask for text rows (moss-model.md section 5.5).
 
@@ -202,9 +211,7 @@ class VisionCache:
         """
         if self.num_frames == 0:
             return None, None
-        slot_pos = self.slot_pos[:self.high_water]
-        slot_pos = np.where(slot_pos >= 0, slot_pos, FREE_SLOT_POS)
-        mask, sees = cumulative_visibility(torch.from_numpy(slot_pos),
+        mask, sees = cumulative_visibility(torch.from_numpy(self.frame_positions()),
                                            torch.as_tensor(np.asarray(positions, np.int64)),
                                            self.tokens_per_frame)
         if bool(sees.all()) and bool(mask.all()):

@@ -19,7 +19,7 @@ from transformers.models.mllama.modeling_mllama import (
     rotate_half,
 )
 
-from .kv_cache import cumulative_visibility, FREE_SLOT_POS, TextKVCache, VisionCache
+from .kv_cache import cumulative_visibility, TextKVCache, VisionCache
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -292,7 +292,6 @@ class MossVideoModel(nn.Module):
                                for c in list(kv_caches) + list(vision_caches)):
             raise ValueError('batched decode needs sessions of one cache pool')
         rows = [c.pool_row[1] for c in kv_caches]
-        b = len(rows)
         device = self.device
         x = self.text.embed_tokens(input_ids.to(device))  # (b, 1, hidden)
         pos = torch.as_tensor(np.asarray(positions, np.int64))
@@ -305,10 +304,7 @@ class MossVideoModel(nn.Module):
         has_frames = any(v.num_frames for v in vision_caches)
         if has_frames:
             hw = max(v.high_water for v in vision_caches)
-            frame_pos = np.full((b, hw), FREE_SLOT_POS, dtype=np.int64)
-            for i, v in enumerate(vision_caches):
-                used = v.slot_pos[:v.high_water]
-                frame_pos[i, :v.high_water] = np.where(used >= 0, used, FREE_SLOT_POS)
+            frame_pos = np.stack([v.frame_positions(hw) for v in vision_caches])  # (b, hw)
             t = self.tokens_per_frame
             mask, sees = cumulative_visibility(torch.from_numpy(frame_pos), pos[:, None], t)
             cross_mask = mask[:, None].to(device)  # (b, 1, 1, hw * T)
