@@ -259,14 +259,14 @@ def test_device_oom_evicts_frames_and_continues(tiny_checkpoint):
     import torch
     engine, runner, sampler, _ = make(tiny_checkpoint, max_frames=32)
     model = runner.model
-    real = model.forward_text
+    real = model.forward_step
 
-    def small_device(ids, positions, kv_cache, vision_cache, all_logits=False):
-        if vision_cache.num_frames > 6:
+    def small_device(pool, meta, shape):
+        if engine.session.vision_cache.num_frames > 6:
             raise torch.OutOfMemoryError('CUDA out of memory (simulated)')
-        return real(ids, positions, kv_cache, vision_cache, all_logits)
+        return real(pool, meta, shape)
 
-    model.forward_text = small_device
+    model.forward_step = small_device
     try:
         for i in range(20):
             assert engine.submit_frame(frame(i), stamp_sec=float(i))

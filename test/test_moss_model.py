@@ -1,13 +1,17 @@
 """MOSS forward: the streaming path equals a full-sequence forward (moss-model.md 7.6), and
 the section 9 unit tests of the vision path and cross-attention."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.models.mllama.modeling_mllama import repeat_kv, rotate_half
 
 from mossv_ros.engine import moss_video
-from mossv_ros.engine.kv_cache import TextKVCache, VisionCache
-from mossv_ros.engine.moss_video import MossVideoModel, repeat_kv, rotate_half
+from mossv_ros.engine.kv_cache import CachePool, cumulative_visibility, FREE_SLOT_POS
+from mossv_ros.engine.moss_video import MossVideoModel
+from mossv_ros.engine.step import build_metadata, eager_shape, full_shape, RowInput
 
 
 def _rot(x, cos, sin):
@@ -76,20 +80,26 @@ def _script(runner, n_frames=3, seed=0):
     return ids, image_pos, images
 
 
-def _stream(runner, mv, ids, image_pos, encoded, chunks):
-    """Feed ``ids`` in the given chunk sizes, frames inserted at their <|image|> tokens."""
-    kv = TextKVCache(len(mv.self_layer_ids), mv.num_kv_heads, mv.head_dim, 256,
-                     torch.float32, 'cpu')
-    vc = VisionCache(len(mv.cross_layer_ids), mv.num_kv_heads, mv.tokens_per_frame,
-                     mv.head_dim, 8, torch.float32, 'cpu')
+def _stream(mv, ids, image_pos, encoded, chunks, full=False):
+    """Feed ``ids`` in the given chunk sizes through the step, frames inserted at their
+    <|image|> tokens; ``full``: the static shape a CUDA graph replays (full capacity, chunks
+    padded to 8 tokens), else the smallest eager shape."""
+    pool = CachePool(1, len(mv.self_layer_ids), len(mv.cross_layer_ids), mv.num_kv_heads,
+                     mv.head_dim, mv.tokens_per_frame, 256, 8, torch.float32, 'cpu')
+    kv, vc = pool.row(0)
     out, start = [], 0
     for size in chunks:
         for j, p in enumerate(image_pos):
             if start <= p < start + size:
                 vc.insert(j, mv.finalize_keys(encoded[0][:, j], p), encoded[1][:, j], p, j)
-        chunk = torch.tensor([ids[start:start + size]])
-        out.append(mv.forward_text(chunk, torch.arange(start, start + size), kv, vc,
-                                   all_logits=True)[0])
+        row = RowInput(0, ids[start:start + size], start, kv.write_indices(size),
+                       vc.frame_positions(pool.max_frames))
+        shape = (full_shape(pool, 1, -(-size // 8) * 8) if full
+                 else eager_shape(pool, [row], vc.high_water))
+        shape = dataclasses.replace(shape, last_only=False)
+        meta, _ = build_metadata(shape, pool, [row])
+        out.append(mv.forward_step(pool, torch.from_numpy(meta), shape)[0, -size:])
+        kv.commit(size)
         start += size
     return torch.cat(out)
 
@@ -101,10 +111,11 @@ def test_streaming_equals_full_forward(tiny_runner, impl):
     states = mv.encode_vision(tiny_runner.pixel_values(images))
     ref = reference_forward(mv, torch.tensor([ids]), states, image_pos)
     encoded = mv.cross_kv(states)
-    token_by_token = _stream(tiny_runner, mv, ids, image_pos, encoded, [1] * len(ids))
-    torch.testing.assert_close(token_by_token, ref, atol=2e-5, rtol=1e-4)
-    chunked = _stream(tiny_runner, mv, ids, image_pos, encoded, [7, 5, 1, 1, 4, len(ids) - 18])
-    torch.testing.assert_close(chunked, ref, atol=2e-5, rtol=1e-4)
+    for full in (False, True):
+        token_by_token = _stream(mv, ids, image_pos, encoded, [1] * len(ids), full)
+        torch.testing.assert_close(token_by_token, ref, atol=2e-5, rtol=1e-4)
+        chunked = _stream(mv, ids, image_pos, encoded, [7, 5, 1, 1, 4, len(ids) - 18], full)
+        torch.testing.assert_close(chunked, ref, atol=2e-5, rtol=1e-4)
     assert (ref[image_pos[0]:] - ref[image_pos[0]:].mean()).abs().max() > 1e-3  # not constant
 
 
@@ -119,20 +130,19 @@ def test_query_must_be_rotated_on_cache_only_steps(tiny_runner, monkeypatch):
     def no_query_rotation(q, cos, sin):  # the upstream bug: decode rows (q_len 1) unrotated
         return q if q.shape[2] == 1 else real_rotate(q, cos, sin)
     monkeypatch.setattr(moss_video, 'rotate_cross_query', no_query_rotation)
-    buggy = _stream(tiny_runner, mv, ids, image_pos, mv.cross_kv(states), [1] * len(ids))
+    buggy = _stream(mv, ids, image_pos, mv.cross_kv(states), [1] * len(ids))
     assert (buggy[image_pos[0]:] - ref[image_pos[0]:]).abs().max() > 1e-4
 
 
-def test_cumulative_mask_and_own_frame(tiny_runner):
-    vc = VisionCache(2, 2, 5, 16, 4, torch.float32, 'cpu')
-    keys = torch.zeros(2, 2, 5, 16)
-    vc.insert(0, keys, keys, position=10, frame_index=0)
-    vc.insert(1, keys, keys, position=20, frame_index=1)
-    mask, sees = vc.visibility([5, 10, 19, 20, 21])
+def test_cumulative_mask_and_own_frame():
+    frame_pos = torch.tensor([10, 20, FREE_SLOT_POS])  # two frames and a free slot
+    mask, sees = cumulative_visibility(frame_pos, torch.tensor([5, 10, 19, 20, 21]), 5)
     assert sees.tolist() == [False, True, True, True, True]
-    frames_seen = mask.view(5, 2, 5)[:, :, 0]
-    assert frames_seen[1:].tolist() == [[True, False], [True, False], [True, True], [True, True]]
-    assert vc.visibility([25]) == (None, None)  # decode rows after the newest frame: no mask
+    frames_seen = mask.view(5, 3, 5)[:, :, 0]
+    assert frames_seen[1:].tolist() == [[True, False, False], [True, False, False],
+                                        [True, True, False], [True, True, False]]
+    assert mask[0].all()  # a row that sees nothing: all-True (finite softmax), then skipped
+    assert mask.view(5, 3, 5).eq(mask.view(5, 3, 5)[..., :1]).all()  # a frame's tokens alike
 
 
 def test_intermediate_features_are_layer_inputs(tiny_runner):

@@ -14,6 +14,7 @@ DEFAULT_CAMERA = 'default'
 #: most cameras (sessions) one engine serves
 MAX_CAMERAS = 16
 ATTN_IMPLEMENTATIONS = ('auto', 'eager', 'sdpa', 'flash_attention_2')
+CUDA_GRAPHS = ('auto', 'on', 'off')
 EVICTION_POLICIES = ('sink_window', 'fifo')
 
 
@@ -89,6 +90,9 @@ class EngineConfig:
         :func:`resolve_device_dtype` when the model loads.
     :ivar attn_implementation: text self-attention and vision tower kernel; 'auto' picks
         FlashAttention-2 when ``flash_attn`` is installed and CUDA is used, SDPA otherwise.
+    :ivar cuda_graphs: capture the text step and the frame encoder as CUDA graphs ('auto' =
+        on with CUDA; 'on' warns and runs eagerly without CUDA; a failed capture runs eagerly
+        with a warning and says so in Status).
     :ivar cpu_threads: torch intra-op threads on the CPU (0 = half the cores, so the encoder
         and decode threads do not oversubscribe them).
     :ivar trust_remote_code: allow the checkpoint's own code (off; executes code from disk).
@@ -124,6 +128,7 @@ class EngineConfig:
     dtype: str = 'auto'
     device: str = 'auto'
     attn_implementation: str = 'auto'
+    cuda_graphs: str = 'auto'
     trust_remote_code: bool = False
     cpu_threads: int = 0
     frame_rate_hz: float = 1.0
@@ -155,6 +160,8 @@ class EngineConfig:
                    self.device, "'cuda:N' with N an integer")
         _check(self.attn_implementation in ATTN_IMPLEMENTATIONS, 'engine.attn_implementation',
                self.attn_implementation, f'one of {ATTN_IMPLEMENTATIONS}')
+        _check(self.cuda_graphs in CUDA_GRAPHS, 'engine.cuda_graphs', self.cuda_graphs,
+               f'one of {CUDA_GRAPHS}')
         _check(0 <= self.cpu_threads <= 256, 'engine.cpu_threads', self.cpu_threads,
                'an int in [0, 256] (0 = auto)')
         _check(math.isfinite(self.frame_rate_hz) and 0.0 < self.frame_rate_hz <= 30.0,

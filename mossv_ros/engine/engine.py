@@ -51,6 +51,16 @@ from .policy import validate_prompt, validate_request_id
 log = logging.getLogger(__name__)
 
 
+def _sample_rows(sampler, logits, histories) -> List[int]:
+    """Token ids for each row of ``logits`` (batch, vocab): one device sample and one read
+    back with a :class:`~.sampling.Sampler` (its ``sample``); any other
+    ``sampler(logits_row, history) -> int`` (scripted test samplers) is called per row."""
+    batched = getattr(sampler, 'sample', None)
+    if batched is not None:
+        return batched(logits, histories).tolist()
+    return [int(sampler(row, list(h))) for row, h in zip(logits, histories)]
+
+
 class _Camera:
     """One camera's session: the runner's caches and positions, and its dialogue (both
     written by the engine thread only)."""
@@ -94,6 +104,7 @@ class StreamingEngine:
         self._state_cv = threading.Condition()
         self._state = EngineState.UNLOADED
         self._model_name = 'none'
+        self._decode_path = ''
         self._last_error = ''
         self._num_oom_events = 0
         #: seconds from a frame's arrival to its insertion in the vision cache, newest last
@@ -342,7 +353,7 @@ class StreamingEngine:
                         num_oom_events=self._num_oom_events,
                         longest_frame_gap_sec=totals.longest_frame_gap_sec,
                         num_stamp_outliers=totals.num_stamp_outliers,
-                        last_error=self._last_error)
+                        last_error=self._last_error, decode_path=self._decode_path)
         for name in self.config.cameras:
             counts = per.get(name)
             cs = CameraStats(name=name, num_frames_received=counts.num_frames_received,
@@ -423,10 +434,12 @@ class StreamingEngine:
                        self.runner.vocab_size)
 
     def _make_cameras(self) -> None:
-        """A session (one row of a shared cache pool when several) and a dialogue per
-        camera."""
+        """A session per camera (the rows of one cache pool), the CUDA graphs over them when
+        ``engine.cuda_graphs`` allows, and a dialogue per camera."""
         runner, names = self.runner, self.config.cameras
-        sessions = [runner.new_session()] if len(names) == 1 else runner.new_sessions(len(names))
+        sessions = runner.new_sessions(len(names))
+        self._decode_path = runner.capture_graphs(sessions)
+        log.info('text step: %s', self._decode_path)
         cams = {}
         for name, session in zip(names, sessions):
             def oldest(session=session) -> int:
@@ -509,7 +522,7 @@ class StreamingEngine:
         self._emit_all(cam.dialogue.on_token(self._sample(cam, logits)))
 
     def _sample(self, cam: _Camera, logits) -> int:
-        return int(self._sampler(logits, list(cam.dialogue.history)))
+        return _sample_rows(self._sampler, logits[None], [cam.dialogue.history])[0]
 
     def _decode(self, cam: _Camera, ready) -> None:
         """Feed the camera's pending token and, when ``ready`` (frame, encoded) came, the
@@ -550,8 +563,9 @@ class StreamingEngine:
         logits = self.runner.feed_batch(sessions, tokens)
         for cam, n in zip(cams, before):
             self._note_oom(cam, n)
-        for cam, row in zip(cams, logits):
-            self._emit_all(cam.dialogue.on_token(self._sample(cam, row)))
+        ids = _sample_rows(self._sampler, logits, [cam.dialogue.history for cam in cams])
+        for cam, token in zip(cams, ids):
+            self._emit_all(cam.dialogue.on_token(token))
 
     def _feed(self, cam: _Camera, tokens, frames=()):
         """``runner.feed`` on the camera's session; a device OOM it survived (frames

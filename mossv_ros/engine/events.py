@@ -219,6 +219,9 @@ class EngineStats:
     longest_frame_gap_sec: float = 0.0
     num_stamp_outliers: int = 0
     last_error: str = ''
+    #: how the text step runs (``ModelRunner.capture_graphs``): 'cuda graphs (...)' or
+    #: 'eager (<why>)'; '' before the model loads
+    decode_path: str = ''
     last_metrics: Optional[RoundMetrics] = None
     #: the newest frame in the vision cache (index, stamp, frame_id) of the default camera
     newest_frame: FrameRef = field(default_factory=FrameRef)

@@ -1,7 +1,12 @@
-"""Preallocated caches: the text KV cache and the per-frame cross-attention vision cache.
+"""The caches: one preallocated storage (:class:`CachePool`) with host metadata per session.
 
-Slot metadata (positions, frame indices) is mirrored on the host, so building masks never
-synchronizes with the device.
+Every session is a row of a :class:`CachePool`, alone (a pool of one row) or beside other
+cameras' sessions; the text KV cache and the vision cache of a row are host objects
+(:class:`TextKVCache`, :class:`VisionCache`) that keep the row's metadata (lengths, slot
+positions, frame indices) as Python ints and numpy arrays over views of the pool's tensors.
+The step (:mod:`.step`) reads that metadata on the host, copies it to the device once and
+writes the new tokens' keys and values itself; nothing here reads a device tensor back
+(docs/model.md section 10.2).
 """
 from typing import List, Optional, Tuple
 
@@ -14,10 +19,10 @@ FREE_SLOT_POS = np.iinfo(np.int64).max
 
 def cumulative_visibility(frame_pos: torch.Tensor, row_pos: torch.Tensor,
                           tokens_per_frame: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The cumulative cross-attention mask (moss-model.md section 5.5): a row at text position
-    p sees exactly the frames whose ``<|image|>`` position ``p_f <= p``. The streaming forward
-    (one row batch over the vision cache) and the toyworld trainer (a batch of episodes) both
-    build their masks here.
+    """The cumulative cross-attention mask (docs/model.md section 5.5): a row at text position
+    p sees exactly the frames whose ``<|image|>`` position ``p_f <= p``. The step (decode and
+    prefill, every row of a batch) and the toyworld trainer both build their masks here.
+    Pure tensor arithmetic with static shapes: safe inside a CUDA graph.
 
     :param frame_pos: int64 (..., frames), each frame's ``<|image|>`` position (a slot or
         padding frame that no row may see gets a position beyond every row).
@@ -29,53 +34,101 @@ def cumulative_visibility(frame_pos: torch.Tensor, row_pos: torch.Tensor,
     """
     visible = frame_pos[..., None, :] <= row_pos[..., :, None]  # (..., rows, frames)
     sees = visible.any(-1)
-    mask = visible.repeat_interleave(tokens_per_frame, dim=-1) | ~sees[..., None]
-    return mask, sees
+    shape = visible.shape[:-1] + (visible.shape[-1] * tokens_per_frame,)
+    mask = visible[..., None].expand(visible.shape + (tokens_per_frame,)).reshape(shape)
+    return mask | ~sees[..., None], sees
 
 
 class CacheFullError(RuntimeError):
     """Raised when a write would exceed a cache's preallocated capacity."""
 
 
-class TextKVCache:
-    """Self-attention K/V of the text layers, append-only with middle eviction.
+class CachePool:
+    """The caches of ``rows`` sessions as rows of shared, preallocated tensors: the one
+    storage of every session, so that one step can decode several sessions together (a batch
+    row per session, each with its own length, positions and frames).
 
-    Keys are stored post-RoPE at absolute positions, so evicting tokens needs no re-rotation.
+    Text K/V: (num_self_layers, rows, num_kv_heads, capacity + 1, head_dim); the last slot of
+    each row (:attr:`scratch_index`) is a scratch slot that padding rows of a static-shape
+    step write to and that no real row ever sees. Vision K/V: (num_cross_layers, rows,
+    num_kv_heads, max_frames * T, head_dim). Zero-filled: a masked key contributes exactly 0,
+    never NaN.
 
-    :param num_layers: number of self-attention layers (32 at 11B).
-    :param capacity: tokens (``max_context_tokens``).
-    :param storage: (k, v) views into a :class:`CachePool` row; None allocates its own.
-    Storage: k, v of shape (num_layers, 1, num_kv_heads, capacity, head_dim).
+    :ivar graphs: the CUDA graphs captured over this pool (:class:`.graphs.StepGraphs`), or
+        None (eager steps).
     """
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device, storage=None) -> None:
-        shape = (num_layers, 1, num_kv_heads, capacity, head_dim)
-        if storage is None:
-            storage = (torch.zeros(shape, dtype=dtype, device=device),
-                       torch.zeros(shape, dtype=dtype, device=device))
-        self.k, self.v = storage
+    def __init__(self, rows: int, num_self_layers: int, num_cross_layers: int,
+                 num_kv_heads: int, head_dim: int, tokens_per_frame: int, capacity: int,
+                 max_frames: int, dtype: torch.dtype, device) -> None:
+        text = (num_self_layers, rows, num_kv_heads, capacity + 1, head_dim)
+        vision = (num_cross_layers, rows, num_kv_heads, max_frames * tokens_per_frame, head_dim)
+        self.text_k = torch.zeros(text, dtype=dtype, device=device)
+        self.text_v = torch.zeros(text, dtype=dtype, device=device)
+        self.vision_k = torch.zeros(vision, dtype=dtype, device=device)
+        self.vision_v = torch.zeros(vision, dtype=dtype, device=device)
+        self.rows = rows
+        self.capacity = capacity
+        self.max_frames = max_frames
+        self.tokens_per_frame = tokens_per_frame
+        self.device = torch.device(device)
+        self.graphs = None
+        self._args = (num_self_layers, num_cross_layers, num_kv_heads, head_dim,
+                      tokens_per_frame, capacity, max_frames, dtype)
+
+    @property
+    def scratch_index(self) -> int:
+        """The text-cache slot that padding rows write to (never visible to a real row)."""
+        return self.capacity
+
+    @property
+    def text_slots(self) -> int:
+        """Text-cache slots per row, the scratch slot included (a full-capacity step's span)."""
+        return self.capacity + 1
+
+    def row(self, r: int) -> Tuple['TextKVCache', 'VisionCache']:
+        """The text and vision caches of row ``r`` (views of the pool's tensors)."""
+        n_self, n_cross, kvh, hd, t, capacity, max_frames, dtype = self._args
+        text = TextKVCache(self, r, n_self, kvh, hd, capacity)
+        vision = VisionCache(self, r, n_cross, kvh, t, hd, max_frames)
+        return text, vision
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the four preallocated tensors."""
+        return sum(t.nbytes for t in (self.text_k, self.text_v, self.vision_k, self.vision_v))
+
+
+class TextKVCache:
+    """Self-attention K/V of one session's text (a :class:`CachePool` row), append-only with
+    middle eviction. Keys are stored post-RoPE at absolute positions, so evicting tokens needs
+    no re-rotation. The step writes row ``length + i`` for the i-th new token
+    (:meth:`write_indices`); :meth:`commit` advances the length once the step has run.
+
+    :ivar k: view (num_layers, 1, num_kv_heads, capacity + 1, head_dim) of the pool row;
+        ``v`` likewise.
+    """
+
+    def __init__(self, pool: CachePool, row: int, num_layers: int, num_kv_heads: int,
+                 head_dim: int, capacity: int) -> None:
+        self.k = pool.text_k[:, row:row + 1]
+        self.v = pool.text_v[:, row:row + 1]
+        self.pool_row = (pool, row)
         self.capacity = capacity
         self.length = 0
-        self.positions = np.full(capacity, -1, dtype=np.int64)
-        self.pool_row = None  # (CachePool, row) when the storage is a pool's row
         self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * self.k.element_size()
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Write new rows for one layer at ``start``; return keys/values up to the new end.
+    def write_indices(self, n: int) -> np.ndarray:
+        """int64 (n,): the cache slots the next ``n`` tokens are written to.
 
-        :param k: (1, num_kv_heads, n, head_dim). :raises CacheFullError: past capacity.
-        """
-        end = start + k.shape[2]
+        :raises CacheFullError: past capacity."""
+        end = self.length + n
         if end > self.capacity:
             raise CacheFullError(f'text KV cache full: {end} > {self.capacity} tokens')
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return np.arange(self.length, end, dtype=np.int64)
 
-    def commit(self, n: int, positions) -> None:
-        """Advance the length by ``n`` rows written at ``positions`` (host values)."""
-        self.positions[self.length:self.length + n] = np.asarray(positions, dtype=np.int64)
+    def commit(self, n: int) -> None:
+        """Advance the length by the ``n`` rows a step has written."""
         self.length += n
 
     def evict_middle(self, keep_prefix: int, num_evict: int) -> int:
@@ -87,7 +140,6 @@ class TextKVCache:
         dst = slice(keep_prefix, self.length - num_evict)
         self.k[:, :, :, dst] = self.k[:, :, :, src].clone()
         self.v[:, :, :, dst] = self.v[:, :, :, src].clone()
-        self.positions[dst] = self.positions[src].copy()
         self.length -= num_evict
         return num_evict
 
@@ -100,25 +152,23 @@ class TextKVCache:
 
 
 class VisionCache:
-    """Cross-attention K/V per frame for all cross layers, stored with the KV heads only.
+    """Cross-attention K/V per frame for all cross layers of one session (a
+    :class:`CachePool` row), stored with the KV heads only.
 
     Each frame occupies one slot of ``tokens_per_frame`` rows; keys are post-RoPE (at the
-    frame's ``<|image|>`` position ``p_f``) and post-k_norm (moss-model.md sections 4.3, 7.1).
-    Attention is order-free over keys, so an evicted slot is simply reused.
+    frame's ``<|image|>`` position ``p_f``) and post-k_norm (docs/model.md sections 4.3, 7.1).
+    Attention is order-free over keys, so an evicted slot is simply reused. Slot positions are
+    host metadata (:meth:`frame_positions`); the step turns them into the cumulative mask on
+    the device. 3.16 MiB per frame at 11B bf16 (docs/model.md section 8.1).
 
-    Storage: k, v of shape (num_cross_layers, 1, num_kv_heads, capacity * T, head_dim);
-    3.16 MiB per frame at 11B bf16 (section 8.1). :param storage: (k, v) views into a
-    :class:`CachePool` row; None allocates its own.
+    :ivar k: view (num_cross_layers, 1, num_kv_heads, capacity * T, head_dim); ``v`` too.
     """
 
-    def __init__(self, num_layers: int, num_kv_heads: int, tokens_per_frame: int,
-                 head_dim: int, capacity: int, dtype: torch.dtype, device,
-                 storage=None) -> None:
-        shape = (num_layers, 1, num_kv_heads, capacity * tokens_per_frame, head_dim)
-        if storage is None:
-            storage = (torch.zeros(shape, dtype=dtype, device=device),
-                       torch.zeros(shape, dtype=dtype, device=device))
-        self.k, self.v = storage
+    def __init__(self, pool: CachePool, row: int, num_layers: int, num_kv_heads: int,
+                 tokens_per_frame: int, head_dim: int, capacity: int) -> None:
+        self.k = pool.vision_k[:, row:row + 1]
+        self.v = pool.vision_v[:, row:row + 1]
+        self.pool_row = (pool, row)
         self.tokens_per_frame = tokens_per_frame
         self.capacity = capacity
         self.slot_pos = np.full(capacity, -1, dtype=np.int64)  # p_f per slot, -1 = free
@@ -127,8 +177,6 @@ class VisionCache:
         self.num_frames = 0
         self.bytes_per_frame = (2 * num_layers * num_kv_heads * tokens_per_frame * head_dim
                                 * self.k.element_size())
-        self.device = device
-        self.pool_row = None  # (CachePool, row) when the storage is a pool's row
 
     def free_slot(self) -> Optional[int]:
         """A free slot index, or None when the cache is full."""
@@ -151,7 +199,7 @@ class VisionCache:
 
     def insert(self, slot: int, keys: torch.Tensor, values: torch.Tensor, position: int,
                frame_index: int) -> None:
-        """Store one frame.
+        """Store one frame: the one write path into the vision cache.
 
         :param keys: (num_cross_layers, num_kv_heads, T, head_dim), finalized (RoPE + k_norm).
         """
@@ -185,85 +233,19 @@ class VisionCache:
         used = self.slot_frame_index[self.slot_pos >= 0]
         return sorted(int(i) for i in used)
 
-    def layer_kv(self, layer: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values of one cross layer over the used slots: (1, kv_heads, slots*T, hd)."""
-        end = self.high_water * self.tokens_per_frame
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
     def frame_positions(self, num_slots: Optional[int] = None) -> np.ndarray:
         """int64 (num_slots,) ``<|image|>`` position of each slot (default: up to the high
-        water mark); free slots get :data:`FREE_SLOT_POS` (never visible)."""
-        out = np.full(self.high_water if num_slots is None else num_slots, FREE_SLOT_POS,
-                      dtype=np.int64)
+        water mark); free slots get :data:`FREE_SLOT_POS` (never visible).
+
+        :raises ValueError: ``num_slots`` below the high water mark."""
+        num_slots = self.high_water if num_slots is None else num_slots
+        if num_slots < self.high_water:
+            raise ValueError(f'{num_slots} slots do not cover the {self.high_water} in use')
+        out = np.full(num_slots, FREE_SLOT_POS, dtype=np.int64)
         used = self.slot_pos[:self.high_water]
         out[:self.high_water] = np.where(used >= 0, used, FREE_SLOT_POS)
         return out
 
-    def visibility(self, positions) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Cumulative cross-attention mask for text rows (moss-model.md section 5.5).
-
-        A row at position p sees the cached frames with ``p_f <= p``.
-
-        :param positions: host sequence of the rows' text positions.
-        :returns: (mask, row_sees_frame): bool (rows, slots*T) with True = attend (None when
-            every row sees every used slot) and bool (rows,) (None when every row sees a frame).
-            Rows that see nothing get an all-True mask row; the caller skips them.
-        """
-        if self.num_frames == 0:
-            return None, None
-        mask, sees = cumulative_visibility(torch.from_numpy(self.frame_positions()),
-                                           torch.as_tensor(np.asarray(positions, np.int64)),
-                                           self.tokens_per_frame)
-        if bool(sees.all()) and bool(mask.all()):
-            return None, None
-        row_sees = None if bool(sees.all()) else sees.to(self.device)
-        return mask.to(self.device), row_sees
-
     @property
     def used_bytes(self) -> int:
         return self.num_frames * self.bytes_per_frame
-
-
-class CachePool:
-    """The caches of several sessions as rows of shared, preallocated tensors, so that one
-    forward can decode them together (a batch row per session, each with its own length,
-    positions and frames).
-
-    Text K/V: (num_self_layers, rows, num_kv_heads, capacity, head_dim); vision K/V:
-    (num_cross_layers, rows, num_kv_heads, max_frames * T, head_dim). Each row is handed out
-    as a :class:`TextKVCache` and a :class:`VisionCache` over views of its row, so everything
-    a single session does (writes, middle eviction, slot reuse) works on it unchanged; a row
-    costs exactly what a session of its own would.
-    """
-
-    def __init__(self, rows: int, num_self_layers: int, num_cross_layers: int,
-                 num_kv_heads: int, head_dim: int, tokens_per_frame: int, capacity: int,
-                 max_frames: int, dtype: torch.dtype, device) -> None:
-        text = (num_self_layers, rows, num_kv_heads, capacity, head_dim)
-        vision = (num_cross_layers, rows, num_kv_heads, max_frames * tokens_per_frame, head_dim)
-        self.text_k = torch.zeros(text, dtype=dtype, device=device)
-        self.text_v = torch.zeros(text, dtype=dtype, device=device)
-        self.vision_k = torch.zeros(vision, dtype=dtype, device=device)
-        self.vision_v = torch.zeros(vision, dtype=dtype, device=device)
-        self.rows = rows
-        self._args = (num_self_layers, num_cross_layers, num_kv_heads, head_dim,
-                      tokens_per_frame, capacity, max_frames, dtype, device)
-
-    def row(self, r: int) -> Tuple[TextKVCache, VisionCache]:
-        """The text and vision caches of row ``r`` (views of the pool's tensors)."""
-        n_self, n_cross, kvh, hd, t, capacity, max_frames, dtype, device = self._args
-        text = TextKVCache(n_self, kvh, hd, capacity, dtype, device,
-                           storage=(self.text_k[:, r:r + 1], self.text_v[:, r:r + 1]))
-        vision = VisionCache(n_cross, kvh, t, hd, max_frames, dtype, device,
-                             storage=(self.vision_k[:, r:r + 1], self.vision_v[:, r:r + 1]))
-        text.pool_row = vision.pool_row = (self, r)
-        return text, vision
-
-    def select(self, tensor: torch.Tensor, layer: int, rows, end: int) -> torch.Tensor:
-        """``tensor[layer, rows, :, :end]``: a view when ``rows`` are consecutive, else a
-        gathered copy. :returns: (len(rows), num_kv_heads, end, head_dim)."""
-        lo = rows[0]
-        if list(rows) == list(range(lo, lo + len(rows))):
-            return tensor[layer, lo:lo + len(rows), :, :end]
-        index = torch.as_tensor(list(rows), device=tensor.device)
-        return tensor[layer, :, :, :end].index_select(0, index)

@@ -10,16 +10,15 @@ rotary table, vision encoder layers) are the stock ``MllamaForConditionalGenerat
 """
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import sdpa_kernel, SDPBackend
 import torch.nn.functional as F
-from transformers.models.mllama.modeling_mllama import (
-    repeat_kv,
-    rotate_half,
-)
+from transformers.models.mllama.modeling_mllama import rotate_half
 
-from .kv_cache import cumulative_visibility, TextKVCache, VisionCache
+from .kv_cache import CachePool, cumulative_visibility
+from .preprocess import normalize_tiles
+from .step import StepShape, unpack
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -47,49 +46,52 @@ def normed_cross_keys(cross_attn: nn.Module, keys: torch.Tensor, cos: torch.Tens
     return cross_attn.k_norm(rotate(keys, cos, sin))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-           impl: str, scaling: float, causal: bool = False) -> torch.Tensor:
-    """Multi-head attention with grouped KV heads.
+#: SDPA backends of every call site: all but cuDNN, which PyTorch prefers on Hopper and
+#: which re-plans for every new key length (docs/model.md section 10.3); flash takes no mask
+#: and steps aside for the memory-efficient kernel on CUDA, math is the last resort
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, impl: str,
+           scaling: float) -> torch.Tensor:
+    """Masked multi-head attention with grouped KV heads, static shapes.
+
+    The query heads that share a KV head are folded into the query length, so the keys are
+    read once per KV head and any SDPA kernel that takes a mask serves grouped heads.
 
     :param q: (batch, num_heads, q_len, head_dim).
     :param k: (batch, num_kv_heads, k_len, head_dim); ``v`` likewise.
-    :param mask: bool (q_len, k_len) or (batch, 1, q_len, k_len), True = attend; None = all
-        visible (unless ``causal``).
-    :param impl: 'eager' (fp32 softmax, reference), 'sdpa' or 'flash_attention_2'.
-    :param causal: bottom-right aligned causal mask (new rows at the end of the keys).
+    :param mask: bool (batch, 1, q_len, k_len), True = attend; every row attends somewhere.
+    :param impl: 'eager' (matmuls, fp32 softmax) or any other value for SDPA
+        (:data:`SDPA_BACKENDS`).
     :returns: (batch, q_len, num_heads, head_dim).
     """
-    n_rep = q.shape[1] // k.shape[1]
-    q_len, k_len = q.shape[2], k.shape[2]
-    if causal and q_len > 1 and impl != 'flash_attention_2':
-        rows = torch.arange(q_len, device=q.device)[:, None] + (k_len - q_len)
-        causal_mask = torch.arange(k_len, device=q.device)[None, :] <= rows
-        mask = causal_mask if mask is None else mask & causal_mask
-    if impl == 'flash_attention_2' and mask is None:
-        from flash_attn import flash_attn_func  # noqa: PLC0415 (optional CUDA dependency)
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                              softmax_scale=scaling, causal=causal and q_len > 1)
-        return out
+    b, heads, q_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    rep = heads // kv_heads
+    q = q.reshape(b, kv_heads, rep * q_len, head_dim)  # head g * rep + r -> row r * q_len + i
+    if rep > 1 and q_len > 1:
+        mask = mask[:, :, None].expand(b, 1, rep, q_len, mask.shape[-1]).reshape(
+            b, 1, rep * q_len, mask.shape[-1])
     if impl == 'eager':
-        k = repeat_kv(k, n_rep)
-        v = repeat_kv(v, n_rep)
-        weights = torch.matmul(q, k.transpose(2, 3)) * scaling  # (1, H, q_len, k_len)
-        if mask is not None:
-            weights = weights.masked_fill(~mask, torch.finfo(weights.dtype).min)
+        weights = torch.matmul(q, k.transpose(2, 3)) * scaling  # (b, kv_heads, rep * q, k)
+        weights = weights.masked_fill(~mask, torch.finfo(weights.dtype).min)
         weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(weights, v).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
-                                         enable_gqa=n_rep > 1)
-    return out.transpose(1, 2)
+        out = torch.matmul(weights, v)
+    else:
+        with sdpa_kernel(SDPA_BACKENDS):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    return out.reshape(b, heads, q_len, head_dim).transpose(1, 2)
 
 
 class MossVideoModel(nn.Module):
     """MOSS forward driving the sub-modules of a stock ``MllamaForConditionalGeneration``.
 
     :param hf_model: a loaded ``MllamaForConditionalGeneration`` (weights, dtype, device set).
-    :param attn_implementation: 'eager', 'sdpa' or 'flash_attention_2' for text self-attention
-        and the vision tower; cross-attention always uses SDPA/eager with an explicit mask
-        (moss-model.md section 4.6).
+    :param attn_implementation: 'eager', 'sdpa' or 'flash_attention_2'. The vision tower runs
+        it as transformers does; the text step (self- and cross-attention, always with an
+        explicit mask) runs 'eager' as matmuls and anything else through SDPA without cuDNN
+        (:func:`attend`; docs/model.md sections 4.6 and 10.3).
     :param pool_stride: average-pool kernel and stride over the patch grid (section 4.2 step 5).
     """
 
@@ -105,7 +107,6 @@ class MossVideoModel(nn.Module):
         self.text_config = hf_model.config.text_config
         self.vision_config = hf_model.config.vision_config
         self.attn_implementation = attn_implementation
-        self.cross_attn_implementation = 'eager' if attn_implementation == 'eager' else 'sdpa'
         self.pool_stride = pool_stride
         self.cross_layer_ids = list(self.text_config.cross_attention_layers)
         self.self_layer_ids = [i for i in range(self.text_config.num_hidden_layers)
@@ -220,137 +221,104 @@ class MossVideoModel(nn.Module):
         return torch.stack(keys), torch.stack(values)
 
     @torch.no_grad()
+    def encode_tiles(self, tiles: torch.Tensor):
+        """Letterboxed uint8 tiles -> raw cross K/V of every cross layer: normalization
+        (:func:`~.preprocess.normalize_tiles`), vision tower, pooling, projector and k/v
+        projections, on the model's device with device arithmetic only (the encoder's CUDA
+        graph captures it).
+
+        :param tiles: uint8 (num_frames, image_size, image_size, 3), RGB, on the device.
+        :returns: (keys, values) as :meth:`cross_kv`.
+        """
+        with sdpa_kernel(SDPA_BACKENDS):
+            return self.cross_kv(self.encode_vision(normalize_tiles(tiles)))
+
+    def rope_table(self):
+        """(cos, sin), each (max_position_embeddings, head_dim) in the model dtype on its
+        device: the stock rotary embedding evaluated once at every position (the same values
+        it computes per call), so a step looks its rows up instead of recomputing them."""
+        if getattr(self, '_rope', None) is None:
+            positions = torch.arange(self.text_config.max_position_embeddings,
+                                     device=self.device)[None]
+            probe = torch.empty(0, dtype=self.dtype, device=self.device)
+            cos, sin = self.text.rotary_emb(probe, positions)
+            self._rope = (cos[0], sin[0])
+        return self._rope
+
+    def rope(self, positions: torch.Tensor):
+        """cos and sin at ``positions`` (int64 (...)): each (..., head_dim)."""
+        cos, sin = self.rope_table()
+        return cos[positions], sin[positions]
+
+    @torch.no_grad()
     def finalize_keys(self, keys: torch.Tensor, position: int) -> torch.Tensor:
         """Rotate raw cross keys to the frame's ``<|image|>`` position, then k_norm.
 
         :param keys: (num_cross_layers, num_kv_heads, tokens_per_frame, head_dim) for one frame.
-        :param position: text position ``p_f`` of the frame's ``<|image|>`` token.
+        :param position: text position ``p_f`` of the frame's ``<|image|>`` token (a host int:
+            the table row is a view, nothing is copied to the device).
         :returns: keys of the same shape, post-RoPE, post-k_norm (section 4.3).
         """
-        pos = torch.tensor([[position]], device=keys.device)
-        cos, sin = self.text.rotary_emb(keys, pos)  # (1, 1, head_dim)
-        out = []
-        for i, layer_id in enumerate(self.cross_layer_ids):
-            k = normed_cross_keys(self.text.layers[layer_id].cross_attn, keys[i][None],
-                                  cos.unsqueeze(1), sin.unsqueeze(1))  # (1, kv_heads, T, hd)
-            out.append(k[0])
+        cos_table, sin_table = self.rope_table()
+        cos, sin = cos_table[position], sin_table[position]  # (head_dim,)
+        out = [normed_cross_keys(self.text.layers[layer_id].cross_attn, keys[i], cos, sin)
+               for i, layer_id in enumerate(self.cross_layer_ids)]
         return torch.stack(out)
 
     # ------------------------------------------------------------------ text path
     @torch.no_grad()
-    def forward_text(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                     kv_cache: TextKVCache, vision_cache: VisionCache,
-                     all_logits: bool = False) -> torch.Tensor:
-        """Feed text tokens (``<|image|>`` included) at the given positions; extend the KV cache.
+    def forward_step(self, pool: CachePool, meta: torch.Tensor,
+                     shape: StepShape) -> torch.Tensor:
+        """One static-shape step of the text model over rows of a cache pool: decode (one
+        token for each of several sessions) and prefill (a chunk of one session) alike
+        (docs/model.md section 10.1).
 
-        Frames whose ``<|image|>`` token is among ``input_ids`` must already be in
-        ``vision_cache`` with that position. A row at position p sees exactly the frames with
-        ``p_f <= p`` (cumulative mask, section 5.5); rows that see no frame skip the cross
-        layers (section 4.5).
+        Each row writes its new keys and values at its write slots, attends to the text-cache
+        slots up to its own (a length mask over ``shape.text_span`` slots) and, in the cross
+        layers, to the vision-cache slots whose ``<|image|>`` position is at or before its
+        position (:func:`~.kv_cache.cumulative_visibility` over ``shape.frame_span`` slots;
+        free slots are never visible); rows that see no frame keep their input (section 4.5).
+        No Python branch depends on data and nothing is read back to the host, so the step
+        can be captured as a CUDA graph and replayed with new metadata.
 
-        :param input_ids: long tensor (1, q_len).
-        :param positions: long tensor (q_len,), increasing, continuing the cache.
-        :returns: float32 logits (1, q_len or 1, vocab_size).
+        :param pool: the cache pool (rows chosen by ``meta``).
+        :param meta: int64 device tensor (shape.batch, shape.width): the step's metadata
+            (:func:`~.step.build_metadata`).
+        :returns: float32 logits (batch, vocab_size), or (batch, tokens, vocab_size) when not
+            ``shape.last_only``.
         """
-        x = self.text.embed_tokens(input_ids.to(self.device))  # (1, q, H)
-        positions = positions.to(self.device)
-        cos, sin = self.text.rotary_emb(x, positions[None])  # (1, q, head_dim)
-        vis_mask, row_sees_frame = vision_cache.visibility(positions)
-        start = kv_cache.length
-        q_len = input_ids.shape[1]
+        t = unpack(meta, shape)
+        x = self.text.embed_tokens(t.input_ids)  # (b, q, hidden)
+        cos, sin = self.rope(t.positions)  # (b, q, head_dim)
+        slots = torch.arange(shape.text_span, device=x.device)
+        text_mask = (slots[None, None, :] <= t.write_index[:, :, None])[:, None]  # (b,1,q,S)
+        cross_mask, sees = cumulative_visibility(t.frame_positions, t.positions,
+                                                 self.tokens_per_frame)
+        cross_mask = cross_mask[:, None]  # (b, 1, q, frame_span * T)
+        vision_end = shape.frame_span * self.tokens_per_frame
+        impl = self.attn_implementation
         for layer_id, layer in enumerate(self.text.layers):
             if layer_id in self.cross_layer_ids:
-                if vision_cache.num_frames == 0:
-                    continue  # skip rule: no frame cached and none brought
-                x = self._cross_layer(layer, self.cross_layer_ids.index(layer_id), x, cos, sin,
-                                      vision_cache, vis_mask, row_sees_frame)
-            else:
-                x = self._self_layer(layer, self.self_layer_ids.index(layer_id), x, cos, sin,
-                                     kv_cache, start)
-        kv_cache.commit(q_len, positions)
-        x = x if all_logits else x[:, -1:]
-        return self.lm_head(self.text.norm(x)).float()
-
-    @torch.no_grad()
-    def forward_decode_batch(self, input_ids: torch.Tensor, positions, kv_caches,
-                             vision_caches) -> torch.Tensor:
-        """One token for each of several sessions, decoded together as the rows of a batch.
-
-        The sessions' caches are rows of one :class:`~.kv_cache.CachePool`; each row writes
-        its token at its own cache length and position and attends to its own keys (a key mask
-        per row) and to the frames it sees (:func:`~.kv_cache.cumulative_visibility` per row).
-        Row b gives the logits :meth:`forward_text` would give for that session alone, up to
-        floating-point rounding of the batched kernels.
-
-        :param input_ids: long (batch, 1). :param positions: host ints (batch,), each row's
-            text position (continuing its cache).
-        :param kv_caches: a :class:`TextKVCache` per row; ``vision_caches`` likewise.
-        :returns: float32 logits (batch, vocab_size).
-        """
-        pool = kv_caches[0].pool_row and kv_caches[0].pool_row[0]
-        if pool is None or any(c.pool_row is None or c.pool_row[0] is not pool
-                               for c in list(kv_caches) + list(vision_caches)):
-            raise ValueError('batched decode needs sessions of one cache pool')
-        rows = [c.pool_row[1] for c in kv_caches]
-        device = self.device
-        x = self.text.embed_tokens(input_ids.to(device))  # (b, 1, hidden)
-        pos = torch.as_tensor(np.asarray(positions, np.int64))
-        cos, sin = self.text.rotary_emb(x, pos[:, None].to(device))  # (b, 1, head_dim)
-        lengths = torch.as_tensor([c.length for c in kv_caches])
-        end = int(lengths.max()) + 1
-        key_mask = (torch.arange(end)[None, :] <= lengths[:, None])[:, None, None].to(device)
-        row_index = torch.as_tensor(rows, device=device)
-        write_at = lengths.to(device)
-        has_frames = any(v.num_frames for v in vision_caches)
-        if has_frames:
-            hw = max(v.high_water for v in vision_caches)
-            frame_pos = np.stack([v.frame_positions(hw) for v in vision_caches])  # (b, hw)
-            t = self.tokens_per_frame
-            mask, sees = cumulative_visibility(torch.from_numpy(frame_pos), pos[:, None], t)
-            cross_mask = mask[:, None].to(device)  # (b, 1, 1, hw * T)
-            row_sees = None if bool(sees.all()) else sees.to(device)
-        for layer_id, layer in enumerate(self.text.layers):
-            if layer_id in self.cross_layer_ids:
-                if not has_frames:
-                    continue  # skip rule: no row has a frame cached
                 slot = self.cross_layer_ids.index(layer_id)
 
                 def cross_attention(q, slot=slot, layer=layer):
-                    keys = pool.select(pool.vision_k, slot, rows, hw * t)
-                    values = pool.select(pool.vision_v, slot, rows, hw * t)
-                    return attend(q, keys, values, cross_mask, self.cross_attn_implementation,
-                                  layer.cross_attn.scaling)
-                x = self.cross_layer(layer, x, cos, sin, cross_attention, row_sees)
+                    keys = _rows(pool.vision_k[slot], t.rows, vision_end, shape.gather)
+                    values = _rows(pool.vision_v[slot], t.rows, vision_end, shape.gather)
+                    return attend(q, keys, values, cross_mask, impl, layer.cross_attn.scaling)
+                x = self.cross_layer(layer, x, cos, sin, cross_attention, sees)
             else:
                 slot = self.self_layer_ids.index(layer_id)
 
                 def self_attention(q, k, v, slot=slot, layer=layer):
-                    pool.text_k[slot][row_index, :, write_at] = k[:, :, 0]
-                    pool.text_v[slot][row_index, :, write_at] = v[:, :, 0]
-                    keys = pool.select(pool.text_k, slot, rows, end)
-                    values = pool.select(pool.text_v, slot, rows, end)
-                    return attend(q, keys, values, key_mask, self.attn_implementation,
-                                  layer.self_attn.scaling)
+                    # the one write path of the text cache: (b, q, kv_heads, head_dim) rows
+                    pool.text_k[slot][t.rows[:, None], :, t.write_index] = k.transpose(1, 2)
+                    pool.text_v[slot][t.rows[:, None], :, t.write_index] = v.transpose(1, 2)
+                    keys = _rows(pool.text_k[slot], t.rows, shape.text_span, shape.gather)
+                    values = _rows(pool.text_v[slot], t.rows, shape.text_span, shape.gather)
+                    return attend(q, keys, values, text_mask, impl, layer.self_attn.scaling)
                 x = self.self_layer(layer, x, cos, sin, self_attention)[0]
-        for cache, p in zip(kv_caches, pos.tolist()):
-            cache.commit(1, [p])
-        return self.lm_head(self.text.norm(x[:, -1])).float()
-
-    def _self_layer(self, layer, slot: int, x, cos, sin, kv_cache: TextKVCache, start: int):
-        def attention(q, k, v):  # the new rows attend to the cache and to themselves
-            keys, values = kv_cache.write(slot, start, k, v)  # (1, kv_heads, start + q, hd)
-            return attend(q, keys, values, None, self.attn_implementation,
-                          layer.self_attn.scaling, causal=True)
-        return self.self_layer(layer, x, cos, sin, attention)[0]
-
-    def _cross_layer(self, layer, slot: int, x, cos, sin, vision_cache: VisionCache,
-                     vis_mask: Optional[torch.Tensor], row_sees_frame: Optional[torch.Tensor]):
-        def attention(q):
-            keys, values = vision_cache.layer_kv(slot)  # (1, kv_heads, slots * T, head_dim)
-            return attend(q, keys, values, vis_mask, self.cross_attn_implementation,
-                          layer.cross_attn.scaling)
-        sees = None if row_sees_frame is None else row_sees_frame[None]
-        return self.cross_layer(layer, x, cos, sin, attention, sees)
+        x = x[:, -1] if shape.last_only else x
+        return self.lm_head(self.text.norm(x)).float()
 
     # ------------------------------------------------------------------ layers (batched)
     def self_layer(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -397,6 +365,13 @@ class MossVideoModel(nn.Module):
         if row_sees_frame is not None:
             y = torch.where(row_sees_frame[..., None], y, x)
         return y
+
+
+def _rows(cache: torch.Tensor, rows: torch.Tensor, end: int, gather: bool) -> torch.Tensor:
+    """The first ``end`` slots of the batch's rows of one layer's cache (rows, kv_heads,
+    slots, head_dim): a view when the batch is the whole pool, else gathered by ``rows``."""
+    part = cache[:, :, :end]
+    return part.index_select(0, rows) if gather else part
 
 
 def attn_gate(layer) -> torch.Tensor:

@@ -51,12 +51,30 @@ def letterbox(image: np.ndarray, tile_px: int) -> np.ndarray:
     return out
 
 
-def to_pixel_values(image: np.ndarray, tile_px: int) -> np.ndarray:
-    """RGB uint8 (H, W, 3) -> float32 (3, tile_px, tile_px), CLIP-normalized.
+def normalize_tiles(tiles):
+    """Letterboxed uint8 tiles -> CLIP-normalized float32, on whatever device they are.
 
-    The 1/255 rescale is done in float32 (the processor multiplies in float64 and casts: the
-    two differ by at most one float32 ulp, about 1e-7, on 126 of the 256 grey levels); float32
-    keeps the shipped toyworld checkpoint bit-for-bit reproducible (README, toyworld)."""
-    tile = letterbox(image, tile_px).astype(np.float32) * (1.0 / 255.0)
-    tile = (tile - CLIP_MEAN) / CLIP_STD
-    return np.ascontiguousarray(tile.transpose(2, 0, 1))
+    The arithmetic of the processor, in float32: rescale by 1/255, subtract the mean, divide by
+    the std (the processor multiplies in float64 and casts: the two differ by at most one
+    float32 ulp, about 1e-7, on 126 of the 256 grey levels; float32 keeps the shipped toyworld
+    checkpoint bit-for-bit reproducible, README, toyworld). Device tensor arithmetic only, so
+    the runner does it on the GPU inside the encoder's CUDA graph.
+
+    :param tiles: uint8 tensor (N, tile_px, tile_px, 3), RGB (:func:`letterbox`).
+    :returns: float32 tensor (N, 3, tile_px, tile_px) on the same device.
+    """
+    import torch
+
+    mean = torch.as_tensor(CLIP_MEAN).to(tiles.device)
+    std = torch.as_tensor(CLIP_STD).to(tiles.device)
+    x = (tiles.to(torch.float32) * (1.0 / 255.0) - mean) / std
+    return x.permute(0, 3, 1, 2)
+
+
+def to_pixel_values(image: np.ndarray, tile_px: int) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> float32 (3, tile_px, tile_px), CLIP-normalized: :func:`letterbox`
+    then :func:`normalize_tiles`, the runner's two steps, on the host."""
+    import torch
+
+    tile = torch.from_numpy(letterbox(image, tile_px)[None])
+    return np.ascontiguousarray(normalize_tiles(tile)[0].numpy())

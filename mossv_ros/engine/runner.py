@@ -23,9 +23,10 @@ from .checkpoint import (
     resolve_special_ids,
 )
 from .config import EngineConfig, resolve_device_dtype
-from .kv_cache import CachePool, TextKVCache, VisionCache
+from .kv_cache import CachePool
 from .moss_video import MossVideoModel
-from .preprocess import to_pixel_values
+from .preprocess import letterbox, normalize_tiles
+from .step import build_metadata, eager_shape, RowInput, to_device
 
 log = logging.getLogger(__name__)
 #: Text-context tokens that must stay free after the session prompt (questions, answers).
@@ -36,34 +37,25 @@ MIN_FREE_CONTEXT = 256
 class EncodedFrame:
     """A frame after the vision tower, projector and cross k/v projections.
 
-    :ivar keys: (num_cross_layers, num_kv_heads, T, head_dim), before RoPE and k_norm.
+    :ivar keys: (num_cross_layers, num_kv_heads, T, head_dim), before RoPE and k_norm; on
+        CUDA made on the encoder stream, and complete (:meth:`ModelRunner.encode_frames`
+        returns once the encode has run).
     :ivar values: same shape.
-    :ivar ready_event: CUDA event recorded on the encoder stream (None on CPU).
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     frame_index: int = -1
-    ready_event: object = None
 
 
 class Session:
-    """Caches and positions of one stream (moss-model.md section 7.1).
+    """Caches and positions of one stream (docs/model.md section 7.1).
 
     :param caches: (text KV cache, vision cache) of a :class:`~.kv_cache.CachePool` row
-        (:meth:`ModelRunner.new_sessions`); None allocates caches of its own.
+        (:meth:`ModelRunner.new_sessions`).
     """
 
-    def __init__(self, runner: 'ModelRunner', max_frames: int, max_context_tokens: int,
-                 caches=None):
-        model = runner.model
-        if caches is None:
-            caches = (TextKVCache(len(model.self_layer_ids), model.num_kv_heads,
-                                  model.head_dim, max_context_tokens, model.dtype,
-                                  model.device),
-                      VisionCache(len(model.cross_layer_ids), model.num_kv_heads,
-                                  model.tokens_per_frame, model.head_dim, max_frames,
-                                  model.dtype, model.device))
+    def __init__(self, caches) -> None:
         self.kv_cache, self.vision_cache = caches
         self.next_pos = 0
         self.prefix_tokens = 0  # tokens never evicted from the text cache (session prefix)
@@ -72,6 +64,14 @@ class Session:
         self.num_oom_events = 0
         self.oom_cap_bytes = 0  # cache-bytes cap learned from a device OOM (0 = none); kept
         # across clear(): the device did not grow
+
+    @property
+    def pool(self) -> CachePool:
+        return self.kv_cache.pool_row[0]
+
+    @property
+    def row(self) -> int:
+        return self.kv_cache.pool_row[1]
 
     def clear(self) -> None:
         self.kv_cache.clear()
@@ -183,6 +183,7 @@ class ModelRunner:
         self.max_positions = self.model.text_config.max_position_embeddings
         self.encoder_stream = (torch.cuda.Stream(device=config.device)
                                if config.device.startswith('cuda') else None)
+        self.encoder_graph = None  # graphs.EncoderGraph once captured
         if self.special.image < self.vocab_size:
             log.warning('<|image|> id %d is generable (vocab %d)', self.special.image,
                         self.vocab_size)
@@ -236,47 +237,97 @@ class ModelRunner:
 
     def new_session(self, max_frames: Optional[int] = None,
                     max_context_tokens: Optional[int] = None) -> Session:
-        return Session(self, max_frames or self.config.max_frames,
-                       max_context_tokens or self.config.max_context_tokens)
+        """One session: a cache pool of one row."""
+        return self.new_sessions(1, max_frames, max_context_tokens)[0]
 
-    def new_sessions(self, n: int) -> List[Session]:
+    def new_sessions(self, n: int, max_frames: Optional[int] = None,
+                     max_context_tokens: Optional[int] = None) -> List[Session]:
         """``n`` sessions whose caches are the rows of one :class:`~.kv_cache.CachePool`, so
         :meth:`feed_batch` decodes them together; each costs what a session of its own does
-        (``cache.max_frames`` frames, ``cache.max_context_tokens`` tokens)."""
+        (``max_frames`` frames, ``max_context_tokens`` tokens; default the config's)."""
         m, cfg = self.model, self.config
         pool = CachePool(n, len(m.self_layer_ids), len(m.cross_layer_ids), m.num_kv_heads,
-                         m.head_dim, m.tokens_per_frame, cfg.max_context_tokens,
-                         cfg.max_frames, m.dtype, m.device)
-        return [Session(self, cfg.max_frames, cfg.max_context_tokens, caches=pool.row(r))
-                for r in range(n)]
+                         m.head_dim, m.tokens_per_frame,
+                         max_context_tokens or cfg.max_context_tokens,
+                         max_frames or cfg.max_frames, m.dtype, m.device)
+        return [Session(pool.row(r)) for r in range(n)]
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def capture_graphs(self, sessions: Sequence[Session]) -> str:
+        """Capture the text step over the sessions' pool and the frame encoder as CUDA graphs
+        (:mod:`.graphs`), when ``engine.cuda_graphs`` and the device allow. A capture that
+        fails is logged as a warning and leaves eager steps: the engine goes on.
+
+        :returns: what runs now, for Status: 'cuda graphs (N captured)', 'eager (cuda_graphs
+            off)', 'eager (CPU)' or 'eager (capture failed: <why>)'.
+        """
+        mode = self.config.cuda_graphs
+        if mode == 'off':
+            return 'eager (cuda_graphs off)'
+        if not self.config.device.startswith('cuda'):
+            if mode == 'on':
+                log.warning('engine.cuda_graphs=on needs CUDA; running eagerly on %s',
+                            self.config.device)
+            return f'eager ({self.config.device})'
+        from .graphs import EncoderGraph, StepGraphs
+
+        pool = sessions[0].pool
+        try:
+            graphs = StepGraphs(self.model, pool)
+            graphs.capture()
+            pool.graphs = graphs
+            if self.encoder_graph is None:
+                self.encoder_graph = EncoderGraph(self.model, self.tile_px)
+        except Exception as exc:  # noqa: BLE001 - any capture failure: eager, say why
+            pool.graphs = None
+            torch.cuda.synchronize()
+            log.warning('CUDA graph capture failed, running eagerly: %s: %s',
+                        type(exc).__name__, exc)
+            return f'eager (capture failed: {type(exc).__name__}: {exc})'[:200]
+        return f'cuda graphs ({graphs.num_graphs} steps + encoder)'
 
     # ------------------------------------------------------------------ vision
+    def tiles(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """RGB uint8 images -> letterboxed uint8 tiles (N, tile, tile, 3) on the host (the
+        processor's resize and pad, :func:`~.preprocess.letterbox`)."""
+        return np.stack([letterbox(im, self.tile_px) for im in images])
+
     def pixel_values(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """RGB uint8 images -> float tensor (N, 3, tile, tile) on the model device."""
-        arr = np.stack([to_pixel_values(im, self.tile_px) for im in images])
-        return torch.from_numpy(arr).to(self.model.device, self.model.dtype)
+        """RGB uint8 images -> normalized tensor (N, 3, tile, tile) on the model device, in the
+        model dtype (the stock processor's output, docs/model.md section 4.2 step 1)."""
+        tiles = torch.from_numpy(self.tiles(images)).to(self.model.device)
+        return normalize_tiles(tiles).to(self.model.dtype)
 
     @torch.no_grad()
     def encode_frames(self, images: Sequence[np.ndarray]) -> List[EncodedFrame]:
-        """Vision tower + pooling + projector + cross k/v for a chunk of frames.
+        """Letterbox on the host, then normalization, vision tower, pooling, projector and
+        cross k/v on the device, for a chunk of frames.
 
-        On CUDA this runs on the runner's encoder stream and records an event, so it overlaps
-        with decoding on the default stream (moss-model.md section 7.3).
+        On CUDA the device work runs on the runner's encoder stream (replaying the encoder's
+        CUDA graph when captured), beside decoding on the default stream, and this call
+        returns once it has completed: an engine inserts only finished frames and its decode
+        never waits for the encoder (docs/model.md section 10.4).
         """
+        tiles = self.tiles(images)
         if self.encoder_stream is None:
-            return self._encode(images)
+            return self._split(*self.model.encode_tiles(torch.from_numpy(tiles)))
         with torch.cuda.stream(self.encoder_stream):
-            frames = self._encode(images)
-            for frame in frames:
-                frame.ready_event = torch.cuda.Event()
-                frame.ready_event.record(self.encoder_stream)
+            if self.encoder_graph is not None:
+                frames = [self._split(*self.encoder_graph.encode(tile))[0] for tile in tiles]
+            else:
+                device_tiles = torch.from_numpy(tiles).pin_memory().to(self.model.device,
+                                                                       non_blocking=True)
+                frames = self._split(*self.model.encode_tiles(device_tiles))
+            done = torch.cuda.Event()
+            done.record(self.encoder_stream)
+        done.synchronize()  # this (encoder) thread waits, not the decode stream
         return frames
 
-    def _encode(self, images):
-        states = self.model.encode_vision(self.pixel_values(images))  # (N, T, hidden)
-        keys, values = self.model.cross_kv(states)  # (L, N, kv_heads, T, head_dim)
+    @staticmethod
+    def _split(keys: torch.Tensor, values: torch.Tensor) -> List[EncodedFrame]:
+        """(L, N, kv_heads, T, hd) keys and values -> one EncodedFrame per frame."""
         return [EncodedFrame(keys[:, i].contiguous(), values[:, i].contiguous())
-                for i in range(states.shape[0])]
+                for i in range(keys.shape[1])]
 
     def insert_frame(self, session: Session, frame: EncodedFrame, position: int,
                      frame_index: int) -> Optional[int]:
@@ -285,8 +336,10 @@ class ModelRunner:
         Evicts per ``cache.eviction_policy`` when the cache (or ``max_memory_bytes``) is full.
         :returns: the evicted frame index, or None.
         """
-        if frame.ready_event is not None:
-            torch.cuda.current_stream().wait_event(frame.ready_event)
+        if frame.keys.is_cuda:  # made on the encoder stream, read on this one
+            stream = torch.cuda.current_stream()
+            frame.keys.record_stream(stream)
+            frame.values.record_stream(stream)
         cache = session.vision_cache
         evicted = None
         slot = cache.free_slot()
@@ -317,13 +370,14 @@ class ModelRunner:
     def feed(self, session: Session, token_ids: Sequence[int],
              frames: Sequence[Tuple[int, EncodedFrame]] = (),
              all_logits: bool = False) -> torch.Tensor:
-        """Feed tokens (prefill when many, a decode step when one or two).
+        """Feed tokens to one session (a prefill when many, a decode step when one).
 
         :param token_ids: ids to append; ``<|image|>`` tokens listed in ``frames`` carry frames.
         :param frames: (offset into ``token_ids``, encoded frame) pairs; each offset must hold
             the ``<|image|>`` id. Frames are inserted before the forward with ``p_f`` = that
-            token's position (moss-model.md section 7.2).
-        :returns: float32 logits (vocab,) of the last row, or (len, vocab) with ``all_logits``.
+            token's position (docs/model.md section 7.2); rows before it do not see them.
+        :returns: float32 logits (vocab,) of the last row, or (len, vocab) with ``all_logits``,
+            on the model device.
         """
         n = len(token_ids)
         self._make_room(session, n)
@@ -332,48 +386,89 @@ class ModelRunner:
             if token_ids[offset] != self.special.image:
                 raise ValueError(f'token {offset} is not <|image|>')
             self.insert_frame(session, frame, start + offset, frame.frame_index)
-        ids = torch.tensor([list(token_ids)], dtype=torch.long)
-        positions = torch.arange(start, start + n, dtype=torch.long)
         try:
-            logits = self.model.forward_text(ids, positions, session.kv_cache,
-                                             session.vision_cache, all_logits=all_logits)
+            logits = self._step([session], [list(token_ids)], all_logits)
         except torch.OutOfMemoryError:
             # Nothing was committed (the KV cache length moves only after a full forward):
             # evict frames, cap the cache below where it failed, retry once.
             self._recover_from_oom(session)
-            logits = self.model.forward_text(ids, positions, session.kv_cache,
-                                             session.vision_cache, all_logits=all_logits)
+            logits = self._step([session], [list(token_ids)], all_logits)
         session.next_pos += n
-        return logits[0] if all_logits else logits[0, -1]
+        return logits[0]
 
     @torch.no_grad()
     def feed_batch(self, sessions: Sequence[Session], token_ids: Sequence[int]) -> torch.Tensor:
-        """Feed one token to each of several sessions in one forward (batched decode).
+        """Feed one token to each of several sessions in one step (batched decode).
 
         :param sessions: sessions of one :meth:`new_sessions` pool (one row each).
         :param token_ids: the token of each session (never ``<|image|>``: frames go through
             :meth:`feed`).
-        :returns: float32 logits (len(sessions), vocab); row i equals what :meth:`feed` would
-            give session i alone, up to the rounding of batched kernels.
+        :returns: float32 logits (len(sessions), vocab) on the model device; row i equals
+            what :meth:`feed` would give session i alone, up to the rounding of batched kernels.
+        :raises ValueError: sessions of different pools, or an ``<|image|>`` token.
         """
         if self.special.image in token_ids:
             raise ValueError('feed_batch takes no <|image|> token (frames go through feed)')
-        if len(sessions) == 1:
-            return self.feed(sessions[0], token_ids)[None]
+        if any(s.pool is not sessions[0].pool for s in sessions):
+            raise ValueError('batched decode needs sessions of one cache pool')
         for session in sessions:
             self._make_room(session, 1)
-        ids = torch.tensor([[t] for t in token_ids], dtype=torch.long)
-        positions = [s.next_pos for s in sessions]
         try:
-            logits = self.model.forward_decode_batch(ids, positions,
-                                                     [s.kv_cache for s in sessions],
-                                                     [s.vision_cache for s in sessions])
+            logits = self._step(list(sessions), [[t] for t in token_ids])
         except torch.OutOfMemoryError:
             # nothing was committed: each session alone, with its own OOM recovery
             return torch.stack([self.feed(s, [t]) for s, t in zip(sessions, token_ids)])
         for session in sessions:
             session.next_pos += 1
         return logits
+
+    def _step(self, sessions: List[Session], tokens, all_logits: bool = False) -> torch.Tensor:
+        """Run the text step for ``sessions`` (a token list each): a captured graph when the
+        pool has one that fits, else eagerly. Commits the written rows.
+        :returns: logits (len(sessions), [tokens,] vocab)."""
+        pool = sessions[0].pool
+        graphs = pool.graphs
+        if graphs is not None and not all_logits:
+            if all(len(t) == 1 for t in tokens):
+                shape = graphs.decode_shape(len(sessions))
+                if shape is not None:
+                    return self._replay(graphs, shape, sessions, tokens)
+            elif len(sessions) == 1:
+                ids, out, done = tokens[0], None, 0
+                while done < len(ids):  # chunks of the longest captured length, padded
+                    shape = graphs.prefill_shape(len(ids) - done)
+                    chunk = ids[done:done + shape.tokens]
+                    out = self._replay(graphs, shape, sessions, [chunk], offset=done)
+                    done += len(chunk)
+                return out
+        inputs = self._row_inputs(sessions, tokens, None)
+        high_water = max(s.vision_cache.high_water for s in sessions)
+        shape = eager_shape(pool, inputs, high_water, last_only=not all_logits)
+        meta, where = build_metadata(shape, pool, self._row_inputs(sessions, tokens, shape))
+        out = self.model.forward_step(pool, to_device(meta, pool.device), shape)
+        return self._commit(sessions, tokens, out, where)
+
+    def _replay(self, graphs, shape, sessions, tokens, offset: int = 0) -> torch.Tensor:
+        inputs = self._row_inputs(sessions, tokens, shape, offset)
+        meta, where = build_metadata(shape, sessions[0].pool, inputs)
+        return self._commit(sessions, tokens, graphs.replay(shape, meta), where)
+
+    @staticmethod
+    def _row_inputs(sessions, tokens, shape, offset: int = 0) -> List[RowInput]:
+        """Each session's part of a step whose tokens start ``offset`` tokens after its next
+        position (a later chunk of a prefill)."""
+        span = shape.frame_span if shape is not None else None
+        return [RowInput(s.row, ids, s.next_pos + offset, s.kv_cache.write_indices(len(ids)),
+                         s.vision_cache.frame_positions(span))
+                for s, ids in zip(sessions, tokens)]
+
+    @staticmethod
+    def _commit(sessions, tokens, out: torch.Tensor, where: List[int]) -> torch.Tensor:
+        """Advance each session's cache length; the rows of ``out`` in session order (a new
+        tensor: a graph's output buffer is overwritten by its next replay)."""
+        for session, ids in zip(sessions, tokens):
+            session.kv_cache.commit(len(ids))
+        return torch.stack([out[i] for i in where])
 
     def _recover_from_oom(self, session: Session) -> None:
         """Device out of memory during a forward: evict half the cached frames (eviction

@@ -59,8 +59,12 @@ def diagnostic_array(node_name: str, stamp, model: Dict[str, str], stats: ev.Eng
         ('dtype', model.get('dtype', '')), ('attention', model.get('attention', ''))]))
     m = stats.last_metrics or ev.RoundMetrics()
     engine_level = ERROR if state == 'error' else (OK if state == 'ready' else WARN)
-    statuses.append(_status(f'{node_name}: engine', engine_level, state, [
-        ('state', state), ('ttft_sec', float(m.ttft_sec)), ('itl_sec', float(m.itl_sec)),
+    engine_message = state
+    if engine_level == OK and 'capture failed' in stats.decode_path:
+        engine_level, engine_message = WARN, f'{state}, {stats.decode_path}'
+    statuses.append(_status(f'{node_name}: engine', engine_level, engine_message, [
+        ('state', state), ('decode_path', stats.decode_path),
+        ('ttft_sec', float(m.ttft_sec)), ('itl_sec', float(m.itl_sec)),
         ('frame_lag_sec', float(m.frame_lag_sec)),
         ('num_context_tokens', stats.num_context_tokens),
         ('current_round_id', stats.current_round_id),

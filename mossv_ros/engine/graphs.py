@@ -1,0 +1,146 @@
+"""CUDA graphs: the text step and the frame encoder, captured once and replayed.
+
+A decode step of the 11B model launches about 1,900 small kernels; launched one by one from
+Python the GPU idles most of the step (docs/model.md section 10). A CUDA graph records the
+launches once and replays them with one call. What changes between replays is data in
+persistent device buffers: the step's metadata (:mod:`.step`) for the text step, the
+letterboxed tile for the encoder. As nano-vllm does, one graph is captured per batch size
+(1, 2, 4, ... up to the cameras) and, for prefills, per padded chunk length; all text-step
+graphs share one memory pool (they never run at the same time), the encoder graph has its own
+(it runs on the encoder stream beside decoding).
+
+Capture needs CUDA; on the CPU the same step runs eagerly (tests prove it graph-ready:
+``test/test_step.py``).
+"""
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .kv_cache import CachePool
+from .step import build_metadata, full_shape, StepShape, to_device
+
+#: padded prefill chunk lengths (one session per chunk); a longer prefill is cut into chunks
+PREFILL_TOKENS = (2, 8, 32, 128)
+#: eager runs of each step before its capture (lazy initialisation, cuBLAS workspaces)
+WARMUP_RUNS = 2
+
+
+def decode_batch_sizes(rows: int) -> List[int]:
+    """1, 2, 4, ... below ``rows``, then ``rows`` (the whole pool, read without a gather)."""
+    sizes, b = [], 1
+    while b < rows:
+        sizes.append(b)
+        b *= 2
+    return sizes + [rows]
+
+
+class _Captured:
+    def __init__(self, graph, meta: torch.Tensor, out: torch.Tensor) -> None:
+        self.graph, self.meta, self.out = graph, meta, out
+
+
+def _capture(fn, static_inputs: Sequence[torch.Tensor], pool_handle):
+    """Warm ``fn`` up on a side stream, then capture it. :returns: (graph, outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_RUNS):
+            fn(*static_inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool_handle, capture_error_mode='thread_local'):
+        out = fn(*static_inputs)
+    return graph, out
+
+
+class StepGraphs:
+    """The text step (:meth:`~.moss_video.MossVideoModel.forward_step`) captured over one
+    :class:`~.kv_cache.CachePool`: decode graphs for every batch size of
+    :func:`decode_batch_sizes` and prefill graphs (one row) for every chunk length of
+    :data:`PREFILL_TOKENS`, each over the full capacity of both caches.
+
+    Capturing runs each step on dummy rows that write only to the pool's scratch slot, so the
+    sessions' caches are untouched. Without :meth:`capture` (on the CPU) :meth:`replay` runs
+    the same shapes eagerly: the tests drive exactly the padded, full-capacity steps a GPU
+    replays.
+
+    :raises RuntimeError: (from :meth:`capture`) a step could not be captured; the caller
+        runs eagerly.
+    """
+
+    def __init__(self, model, pool: CachePool,
+                 prefill_tokens: Sequence[int] = PREFILL_TOKENS) -> None:
+        self.model = model
+        self.pool = pool
+        limit = pool.capacity
+        self.decode_shapes = [full_shape(pool, b, 1) for b in decode_batch_sizes(pool.rows)]
+        self.prefill_shapes = [full_shape(pool, 1, q) for q in prefill_tokens if q <= limit]
+        self._graphs: Dict[StepShape, _Captured] = {}
+
+    def capture(self) -> None:
+        """Capture every shape, largest first (the later, smaller ones reuse its memory)."""
+        handle = torch.cuda.graph_pool_handle()
+        shapes = sorted(self.decode_shapes + self.prefill_shapes,
+                        key=lambda s: s.batch * s.tokens, reverse=True)
+        for shape in shapes:
+            meta_host, _ = build_metadata(shape, self.pool, [])  # dummy rows: scratch only
+            meta = torch.from_numpy(meta_host).to(self.pool.device)
+
+            def step(meta, shape=shape):
+                return self.model.forward_step(self.pool, meta, shape)
+            graph, out = _capture(step, [meta], handle)
+            self._graphs[shape] = _Captured(graph, meta, out)
+        torch.cuda.synchronize()
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    def decode_shape(self, batch: int) -> Optional[StepShape]:
+        """The smallest captured decode shape of at least ``batch`` rows (None: none)."""
+        return next((s for s in self.decode_shapes if s.batch >= batch), None)
+
+    def prefill_shape(self, tokens: int) -> Optional[StepShape]:
+        """The smallest captured one-row shape of at least ``tokens`` tokens, else the
+        longest (the caller cuts the prefill into chunks of its length)."""
+        if not self.prefill_shapes:
+            return None
+        return next((s for s in self.prefill_shapes if s.tokens >= tokens),
+                    self.prefill_shapes[-1])
+
+    def replay(self, shape: StepShape, meta: np.ndarray) -> torch.Tensor:
+        """Copy ``meta`` into the graph's buffer (pinned, ``non_blocking``) and replay.
+
+        :returns: the graph's output logits (batch, vocab_size), overwritten by the next
+            replay of this pool's graphs: read or copy them first."""
+        captured = self._graphs.get(shape)
+        if captured is None:  # not captured: the same step, eagerly
+            return self.model.forward_step(self.pool, to_device(meta, self.pool.device), shape)
+        captured.meta.copy_(torch.from_numpy(meta).pin_memory(), non_blocking=True)
+        captured.graph.replay()
+        return captured.out
+
+
+class EncoderGraph:
+    """The frame encoder (:meth:`~.moss_video.MossVideoModel.encode_tiles`) for one tile,
+    captured on its own memory pool; replayed on the caller's stream (the encoder stream).
+
+    :raises RuntimeError: (from the constructor) the encoder could not be captured.
+    """
+
+    def __init__(self, model, tile_px: int) -> None:
+        self.tiles = torch.zeros((1, tile_px, tile_px, 3), dtype=torch.uint8,
+                                 device=model.device)
+        self.graph, self.out = _capture(model.encode_tiles, [self.tiles],
+                                        torch.cuda.graph_pool_handle())
+        torch.cuda.synchronize()
+
+    def encode(self, tile: np.ndarray):
+        """One letterboxed uint8 tile (tile_px, tile_px, 3) -> (keys, values) of
+        :meth:`~.moss_video.MossVideoModel.cross_kv` for it, copied out of the graph's
+        buffers on the current stream."""
+        self.tiles.copy_(torch.from_numpy(tile[None]).pin_memory(), non_blocking=True)
+        self.graph.replay()
+        keys, values = self.out
+        return keys.clone(), values.clone()
