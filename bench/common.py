@@ -114,9 +114,11 @@ def speaking_engine(runner, cfg):
     return engine
 
 
-def decode_window(engine, images, fps: float, window_s: float):
+def decode_window(engine, images, fps: float, window_s: float, stamp_base: float = 0.0):
     """Count tokens emitted during ``window_s`` seconds while a feeder thread submits frames at
-    ``fps`` (0 = none). :returns: (tokens per second, frame latencies of the window, s)."""
+    ``fps`` (0 = none), stamped ``stamp_base``, ``stamp_base + 1``, ... (after earlier frames:
+    past their stamps, or the camera's stamps jump back and reset the session).
+    :returns: (tokens per second, frame latencies of the window, s)."""
     import threading
 
     from mossv_ros.engine.events import Frame, TokenEvent
@@ -125,7 +127,7 @@ def decode_window(engine, images, fps: float, window_s: float):
     def feeder():
         i = 0
         while not stop.wait(1.0 / fps):
-            engine.submit_frame(Frame(images[i % len(images)], stamp=i,
+            engine.submit_frame(Frame(images[i % len(images)], stamp=stamp_base + i,
                                       arrival_ts=time.monotonic()))
             i += 1
     drain(engine)

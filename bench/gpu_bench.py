@@ -1,29 +1,47 @@
-"""GPU benchmark (issue 5, item 6): the 11B configuration with random bf16 weights on one GPU.
+"""GPU benchmark (issue 24): the 11B configuration with random bf16 weights on one GPU.
 
-Measures, in one run on the same model: frame encode time, TTFT after a question with 256
-frames already cached, decode tokens/s with no frames and while ingesting 1 fps (through the
-real engine threads), batched decode of 1, 2 and 4 camera sessions, peak memory; and the
-same model driven through plain transformers ``generate`` with every frame re-encoded after
-the question (the upstream-style baseline).
+Stages, each written to the JSON as soon as it ends (a later failure keeps the earlier
+figures), measured side by side in one run on the same model:
+
+1. ``correctness``: the tiny model's streamed logits on the GPU (fp32 and bf16, CUDA graphs)
+   against the CPU in fp32; held-out toyworld episodes streamed through the engine in bf16 on
+   the GPU against fp32 on the CPU (greedy: the same utterances); the device normalization
+   against the host's; which step parts run under ``torch.cuda.set_sync_debug_mode('error')``
+   (no hidden synchronisation).
+2. ``step``: one decode step with ``--frames`` frames cached, eager and replayed as a CUDA
+   graph: wall ms, GPU ms (CUDA events), kernel launches and summed kernel ms per step
+   (``torch.profiler``); SDPA and matmul attention; TTFT of a question (graph and eager).
+3. ``encode``: a frame's host letterbox, its device encode (graph and eager), and the whole
+   ``runner.encode_frames``.
+4. ``engine``: decode tokens/s through the engine threads, idle and while ingesting 1 fps,
+   against the bare graph step's rate.
+5. ``sessions``: batched decode of 1, 2 and 4 sessions (CUDA graphs per batch size).
+6. ``hf_generate`` (``--hf``): stock transformers ``generate`` with every frame re-encoded.
+
 Speed does not depend on weight values, so random weights of the real shapes are used
-(moss-model.md sections 3 and 8). Prints one table and writes ``bench/results/gpu.json``.
+(docs/model.md sections 3 and 8). Prints one table and writes ``gpu.json`` (``--out``).
 
-    python bench/gpu_bench.py            # 11B on cuda (about 5 minutes on an H100)
-    python bench/gpu_bench.py --tiny     # the section 9 tiny model on the CPU (CI smoke run)
+    python bench/gpu_bench.py --out DIR     # 11B on cuda (about 4 minutes on an H200)
+    python bench/gpu_bench.py --tiny        # the section 9 tiny model on the CPU (CI smoke)
 """
 import argparse
+import copy
+import json
+from pathlib import Path
 import tempfile
 import time
+import traceback
 
 from common import (  # bench/ is on sys.path when run as a script
     decode_window,
     drain,
     machine,
     median,
+    RESULTS,
     speaking_engine,
     verdict,
-    write_json,
 )
+import numpy as np
 import torch
 
 from mossv_ros.engine.config import EngineConfig, SamplingConfig
@@ -36,6 +54,7 @@ from mossv_ros.engine.tiny import (
     MOSS_SPECIAL_TOKENS,
     tiny_config_dict,
     TINY_SPECIAL_TOKENS,
+    write_tiny_checkpoint,
     write_tokenizer,
 )
 
@@ -44,7 +63,7 @@ QUESTION = 'What is the person in front of the camera holding right now?'
 DEVICE_LIMITS = [('H200', 4.8e12, 989e12), ('H100 NVL', 3.9e12, 835e12),
                  ('H100 PCIe', 2.0e12, 756e12), ('H100', 3.35e12, 989e12),
                  ('A100', 2.0e12, 312e12), ('L40S', 0.864e12, 362e12)]
-FRAME_FLOPS_11B = 3.08e12  # moss-model.md section 8.2
+FRAME_FLOPS_11B = 3.08e12  # docs/model.md section 8.2
 
 
 def sync(device):
@@ -52,12 +71,38 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def build_runner(tiny: bool, device: str, dtype, max_frames: int):
+class Report(dict):
+    """The JSON report, rewritten after every stage."""
+
+    def __init__(self, path: Path, **kw):
+        super().__init__(**kw)
+        self.path = path
+
+    def stage(self, name, fn, *args, **kw):
+        t0 = time.monotonic()
+        print(f'== {name}', flush=True)
+        try:
+            self[name] = fn(*args, **kw)
+        except Exception as exc:  # noqa: BLE001 - keep the other stages' figures
+            traceback.print_exc()
+            self[name] = {'error': f'{type(exc).__name__}: {exc}'}
+        self[name]['stage_s'] = time.monotonic() - t0
+        self.save()
+        print(f'   {json.dumps(self[name], default=float)[:1500]}', flush=True)
+        return self[name]
+
+    def save(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self, indent=2, default=float))
+
+
+# ----------------------------------------------------------------------------- models
+def build_runner(tiny: bool, device: str, dtype, max_frames: int, cuda_graphs='auto'):
+    """A runner over random weights of the tiny or 11B shapes (in memory, no checkpoint)."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration, PreTrainedTokenizerFast
 
     cfg = tiny_config_dict(max_positions=131072) if tiny else moss_11b_config_dict()
     folder = tempfile.mkdtemp()
-    from pathlib import Path
     write_tokenizer(Path(folder), TINY_SPECIAL_TOKENS if tiny else MOSS_SPECIAL_TOKENS)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
     config = MllamaConfig(text_config=cfg['text_config'], vision_config=cfg['vision_config'],
@@ -78,7 +123,7 @@ def build_runner(tiny: bool, device: str, dtype, max_frames: int):
                               dtype={torch.bfloat16: 'bfloat16',
                                      torch.float32: 'float32'}[dtype],
                               max_frames=max_frames, max_context_tokens=4096,
-                              frame_rate_hz=30.0, max_frame_queue=8)
+                              frame_rate_hz=30.0, max_frame_queue=8, cuda_graphs=cuda_graphs)
     return ModelRunner.from_model(engine_cfg, model, tokenizer), model
 
 
@@ -87,63 +132,348 @@ def images(n, px):
     return camera_frames(n, 1280 if px > 200 else 320, 720 if px > 200 else 240)
 
 
-def bench_runner(runner, frames, device):
-    """Encode ms per frame, then TTFT with ``len(frames)`` frames cached (runner level)."""
+def fill(runner, session, encoded, n):
+    """``n`` frames into a session as a quiet stream puts them: [<|silence|>, <|image|>]."""
     s = runner.special
-    enc = []
-    for i in range(13):
+    for i in range(n):
+        frame = encoded[i % len(encoded)]
+        frame.frame_index = i
+        runner.feed(session, [s.silence, s.image], [(1, frame)])
+
+
+# ----------------------------------------------------------------------------- 1. correctness
+def stage_correctness(device: str, num_episodes: int):
+    """Tiny model: streamed logits on ``device`` (fp32, bf16) vs the CPU in fp32; toyworld
+    episodes through the engine (bf16 on the device vs fp32 on the CPU); normalization; which
+    parts of a step run with synchronisation forbidden."""
+    from mossv_ros.engine.preprocess import normalize_tiles
+    out = {}
+    folder = write_tiny_checkpoint(Path(tempfile.mkdtemp()) / 'tiny', seed=0)
+    rng = np.random.default_rng(0)
+    pictures = [rng.integers(0, 255, (90, 120, 3), dtype=np.uint8) for _ in range(4)]
+
+    def stream(dev, dtype):
+        runner = ModelRunner(EngineConfig(model_path=str(folder), device=dev, dtype=dtype,
+                                          max_frames=8, max_context_tokens=2048))
+        sessions = runner.new_sessions(2)
+        path = runner.capture_graphs(sessions)
+        s, rows = runner.special, []
+        encoded = runner.encode_frames(pictures)
+        for session in sessions:
+            rows.append(runner.start_session(session).float().cpu())
+        for i, frame in enumerate(encoded):
+            frame.frame_index = i
+            rows.append(runner.feed(sessions[0], [s.silence, s.image], [(1, frame)]).cpu())
+            rows.append(runner.feed(sessions[0], list(range(30, 30 + 20 * i + 3))).cpu())
+            rows.extend(runner.feed_batch(sessions, [40 + i, 50 + i]).cpu())
+        return torch.stack(rows).float(), path
+
+    ref, _ = stream('cpu', 'float32')
+    for dtype in ('float32', 'bfloat16'):
+        got, path = stream(device, dtype)
+        out[f'tiny_{dtype}'] = {
+            'rows': len(ref), 'max_abs_dlogit': float((got - ref).abs().max()),
+            'argmax_equal': int((got.argmax(-1) == ref.argmax(-1)).sum()),
+            'decode_path': path}
+    tiles = torch.from_numpy(np.stack([np.asarray(p[:80, :80]) for p in pictures]))
+    out['normalize_equal'] = bool(torch.equal(normalize_tiles(tiles.to(device)).cpu(),
+                                              normalize_tiles(tiles)))
+    out['toyworld'] = toyworld_parity(device, num_episodes)
+    out['sync_free'] = sync_checks(device, folder)
+    return out
+
+
+def toyworld_parity(device: str, num_episodes: int = 3):
+    """Held-out toyworld episodes (greedy) on the CPU in fp32 and on ``device`` in bf16 and
+    fp32 (CUDA graphs): the utterances, compared."""
+    from mossv_ros.engine.engine import StreamingEngine
+    from mossv_ros.model_dirs import default_model_dir
+    from mossv_ros.toyworld.evaluate import eval_episodes, stream_episode
+
+    episodes = eval_episodes(num_episodes)
+    said = {}
+    for dev, dtype in (('cpu', 'float32'), (device, 'float32'), (device, 'bfloat16')):
+        engine = StreamingEngine(EngineConfig(model_path=str(default_model_dir()), device=dev,
+                                              dtype=dtype, round_close_after_frames=0,
+                                              round_close_after_sec=0.0))
+        engine.start()
+        try:
+            assert engine.wait_ready(120), engine.stats().last_error
+            runs = []
+            for i, ep in enumerate(episodes):
+                if i:
+                    engine.reset('next episode')
+                    engine.wait_idle()
+                runs.append([(u.frame, u.text) for u in
+                             stream_episode(engine, ep, stamp_base=1000.0 * (i + 1))])
+            said[f'{dev}_{dtype}'] = (runs, engine.stats().decode_path)
+        finally:
+            engine.stop()
+    ref = said['cpu_float32'][0]
+    return {key: {'decode_path': path, 'utterances': sum(len(r) for r in runs),
+                  'equal_to_cpu_fp32': runs == ref}
+            for key, (runs, path) in said.items()}
+
+
+def sync_checks(device: str, folder):
+    """Run each part of a step with every synchronising CUDA call made an error."""
+    if not device.startswith('cuda'):
+        return {'skipped': 'no CUDA'}
+    runner = ModelRunner(EngineConfig(model_path=str(folder), device=device, max_frames=8,
+                                      max_context_tokens=2048))
+    s = runner.special
+    out = {}
+    graphed = runner.new_sessions(3)
+    runner.capture_graphs(graphed)
+    eager = runner.new_sessions(3)
+    frame = runner.encode_frames([np.full((60, 80, 3), 99, np.uint8)])[0]
+    for session in graphed + eager:
+        runner.start_session(session)
+    greedy = Sampler(SamplingConfig(), runner.suppressed_ids(), runner.vocab_size)
+    sampling = Sampler(SamplingConfig(temperature=0.8, top_k=20, top_p=0.9,
+                                      repetition_penalty=1.2), runner.suppressed_ids(),
+                       runner.vocab_size)
+    torch.cuda.synchronize()
+    checks = {
+        'graph_decode_batch': lambda: runner.feed_batch(graphed, [11, 12, 13]),
+        'graph_decode_one_of_three': lambda: runner.feed(graphed[1], [14]),
+        'graph_prefill_chunks': lambda: runner.feed(graphed[0], list(range(20, 170))),
+        'frame_insert_and_step': lambda: runner.feed(graphed[2], [s.silence, s.image],
+                                                     [(1, frame)]),
+        'eager_decode_batch': lambda: runner.feed_batch(eager, [11, 12, 13]),
+        'eager_prefill': lambda: runner.feed(eager[0], list(range(20, 90))),
+        'sample_greedy': lambda: greedy.sample(torch.randn(3, runner.vocab_size,
+                                                           device=device), [[], [], []]),
+        'sample_top_k_top_p_penalty': lambda: sampling.sample(
+            torch.randn(3, runner.vocab_size, device=device), [[5, 6], [], [7]]),
+    }
+    for name, fn in checks.items():
+        fn()  # once unguarded (first-use allocations, generator set-up)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode('error')
+        try:
+            fn()
+            out[name] = 'no sync'
+        except RuntimeError as exc:
+            out[name] = f'SYNC: {str(exc).splitlines()[0][:160]}'
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+    return out
+
+
+# ----------------------------------------------------------------------------- 2. step
+def profile_steps(step, n, device):
+    """(kernel launches per step, summed kernel ms per step) of ``n`` steps."""
+    if not device.startswith('cuda'):
+        return float('nan'), float('nan')
+    from torch.profiler import profile, ProfilerActivity
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events()
+               if str(getattr(e, 'device_type', '')).endswith('CUDA')
+               and not e.name.startswith(('Memcpy', 'Memset'))]
+    total_us = sum(e.time_range.elapsed_us() for e in kernels)
+    return len(kernels) / n, total_us / 1e3 / n
+
+
+def time_steps(step, n, device):
+    """(median wall ms, median GPU ms by CUDA events) of ``n`` steps, each synchronised."""
+    walls, gpus = [], []
+    for _ in range(n):
         sync(device)
+        if device.startswith('cuda'):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                enable_timing=True)
+            start.record()
         t0 = time.perf_counter()
-        runner.encode_frames(frames[i % len(frames):i % len(frames) + 1])
+        step()
+        if device.startswith('cuda'):
+            end.record()
         sync(device)
-        if i >= 3:
-            enc.append(time.perf_counter() - t0)
-    session = runner.new_session(max_frames=len(frames), max_context_tokens=4096)
+        walls.append((time.perf_counter() - t0) * 1e3)
+        if device.startswith('cuda'):
+            gpus.append(start.elapsed_time(end))
+    return median(walls), median(gpus) if gpus else float('nan')
+
+
+def stage_step(runner, frames, device, n_frames):
+    """Decode step and TTFT with ``n_frames`` cached: eager vs CUDA graph, SDPA vs matmul."""
+    from mossv_ros.engine.graphs import StepGraphs
+
+    out = {'frames_cached': n_frames}
+    session = runner.new_session(max_frames=n_frames, max_context_tokens=4096)
+    pool = session.pool
+    out['decode_path'] = runner.capture_graphs([session])
+    graphs = pool.graphs
     runner.start_session(session)
-    for i, img in enumerate(frames):
-        encoded = runner.encode_frames([img])[0]
-        encoded.frame_index = i
-        runner.feed(session, [s.silence, s.image], [(1, encoded)])
-    q_ids = runner.question_ids(QUESTION)
+    encoded = runner.encode_frames(frames[:16])
+    fill(runner, session, encoded, n_frames)
     sampler = Sampler(SamplingConfig(), runner.suppressed_ids(), runner.vocab_size)
-    saved = (session.kv_cache.length, session.next_pos)
-    ttft = []
-    for r in range(6):
-        sync(device)
+    out['context_tokens'] = session.kv_cache.length
+
+    def decode():
+        logits = runner.feed(session, [11])
+        return sampler.sample(logits[None], [[]]).tolist()
+
+    def rollback(fn):  # keep the context length fixed across repeats
+        def run():
+            length, pos = session.kv_cache.length, session.next_pos
+            fn()
+            session.kv_cache.length, session.next_pos = length, pos
+        return run
+
+    variants = {'graph_sdpa': graphs}
+    if device.startswith('cuda') and graphs is not None:
+        from torch.nn.attention import SDPBackend
+        others = {'graph_matmul_attention': {'attn_implementation': 'eager'},
+                  'graph_unfused': {'fused': False},
+                  'graph_cudnn_first': {'sdpa_backends': [SDPBackend.CUDNN_ATTENTION]
+                                        + list(runner.model.sdpa_backends)}}
+        for name, attrs in others.items():
+            model = copy.copy(runner.model)  # the same modules, another kernel choice
+            for key, value in attrs.items():
+                setattr(model, key, value)
+            try:
+                variant = StepGraphs(model, pool, prefill_tokens=())
+                variant.capture()
+                variants[name] = variant
+            except Exception as exc:  # noqa: BLE001 - a variant that cannot run: say so
+                out[name] = {'error': f'{type(exc).__name__}: {exc}'[:300]}
+    variants['eager_sdpa'] = None
+    for name, variant in variants.items():
+        pool.graphs = variant
+        step = rollback(decode)
+        step()
+        n = 30 if variant is None else 200
+        wall, gpu = time_steps(step, n, device)
+        launches, kernel_ms = profile_steps(step, 5, device)
+        out[name] = {'wall_ms': wall, 'gpu_ms': gpu, 'kernel_launches': launches,
+                     'kernel_ms': kernel_ms, 'tokens_per_s': 1e3 / wall}
+        print(f'   {name}: {out[name]}', flush=True)
+    best = min((k for k in out if k.startswith('graph') and 'wall_ms' in out[k]),
+               key=lambda k: out[k]['wall_ms'], default='eager_sdpa')
+    out['best'] = best
+    pool.graphs = variants.get(best) if best != 'eager_sdpa' else None
+    q_ids = runner.question_ids(QUESTION)
+    out['question_tokens'] = len(q_ids)
+
+    def ask():
+        sampler.sample(runner.feed(session, q_ids)[None], [[]]).tolist()
+    for name, variant in (('ttft_graph', pool.graphs), ('ttft_eager', None)):
+        pool.graphs = variant
+        rollback(ask)()
+        out[name + '_s'] = time_steps(rollback(ask), 6, device)[0] / 1e3
+    pool.graphs = graphs
+    return out
+
+
+# ----------------------------------------------------------------------------- 3. encode
+def stage_encode(runner, frames, device):
+    from mossv_ros.engine.preprocess import letterbox
+    out = {}
+    picture = frames[0]
+    host = []
+    for i in range(10):
         t0 = time.perf_counter()
-        sampler(runner.feed(session, q_ids))  # sampling reads the logits: implies a sync
-        ttft.append(time.perf_counter() - t0)
-        session.kv_cache.length, session.next_pos = saved
-    return {'frame_encode_s': median(enc), 'ttft_s': median(ttft[1:]),
-            'frames_cached': session.vision_cache.num_frames,
-            'question_tokens': len(q_ids)}
+        letterbox(frames[i % len(frames)], runner.tile_px)
+        host.append(time.perf_counter() - t0)
+    out['host_letterbox_ms'] = median(host) * 1e3
+    tile = letterbox(picture, runner.tile_px)
+    graph = runner.encoder_graph
+    if graph is not None:  # on the encoder stream: wall time of a synchronised replay
+        stream = runner.encoder_stream
+        with torch.cuda.stream(stream):
+            graph.encode(tile)
+        out['device_encode_graph_ms'] = time_steps(
+            lambda: _on(stream, lambda: graph.encode(tile)), 20, device)[0]
+    tiles = torch.from_numpy(tile[None]).to(runner.model.device)
+    runner.model.encode_tiles(tiles)
+    wall, gpu = time_steps(lambda: runner.model.encode_tiles(tiles), 10, device)
+    out['device_encode_eager_ms'] = wall
+    out['device_encode_eager_gpu_ms'] = gpu
+    out['encode_frames_ms'] = time_steps(lambda: runner.encode_frames([picture]), 10,
+                                         device)[0]
+    out['encode_frames_4_ms_per_frame'] = time_steps(
+        lambda: runner.encode_frames(frames[:4]), 5, device)[0] / 4
+    return out
 
 
-def bench_engine(runner, frames, window_s, fill_frames):
+def _on(stream, fn):
+    with torch.cuda.stream(stream):
+        return fn()
+
+
+# ----------------------------------------------------------------------------- 4. engine
+def stage_engine(runner, frames, window_s, fill_frames):
     """Decode tokens/s through the engine threads: no frames vs ingesting 1 fps."""
     cfg = runner.config
     cfg.sampling = SamplingConfig(temperature=0.0, max_new_tokens=1_000_000)
     engine = speaking_engine(runner, cfg)
-    out = {}
+    out = {'decode_path': engine.stats().decode_path}
     try:
-        i = 0
-        while engine.stats().num_frames_cached < fill_frames:  # fill at ~20 fps
+        i, deadline = 0, time.monotonic() + 120
+        while engine.stats().num_frames_cached < fill_frames and time.monotonic() < deadline:
             engine.submit_frame(Frame(frames[i % len(frames)], stamp=i,
                                       arrival_ts=time.monotonic()))
             i += 1
-            time.sleep(0.05)
+            time.sleep(0.01)
             drain(engine)
+        out['frames_cached_before'] = engine.stats().num_frames_cached
         for fps in (0, 1):
-            rate, lat = decode_window(engine, frames, fps, window_s)
+            rate, lat = decode_window(engine, frames, fps, window_s, stamp_base=i + 1)
+            i += 1 + int(window_s * fps) + 1
             out[f'tokens_per_s_{fps}fps'] = rate
             out[f'frame_latency_p50_s_{fps}fps'] = median(lat) if lat else float('nan')
-        out['frames_cached_during_decode'] = engine.stats().num_frames_cached
+        stats = engine.stats()
+        out['frames_cached_during_decode'] = stats.num_frames_cached
+        out['num_session_resets'] = stats.num_session_resets
     finally:
         engine.stop()
     return out
 
 
-def bench_hf_generate(runner, model, frames, device, new_tokens):
+# ----------------------------------------------------------------------------- 5. sessions
+@torch.no_grad()
+def stage_sessions(runner, frames, device, steps: int):
+    """Batched decode of several sessions: aggregate tokens/s of 1, 2 and 4 sessions fed one
+    token each per step (``runner.feed_batch``, a CUDA graph per batch size), each with 16
+    cached frames and its own text."""
+    out = {}
+    enc = runner.encode_frames(frames[:16])
+    sampler = Sampler(SamplingConfig(), runner.suppressed_ids(), runner.vocab_size)
+    for n in (1, 2, 4):
+        sessions = runner.new_sessions(n)
+        path = runner.capture_graphs(sessions)
+        for i, session in enumerate(sessions):
+            runner.start_session(session)
+            fill(runner, session, enc, 16)
+            runner.feed(session, runner.question_ids(QUESTION)[:4 + i])  # unequal lengths
+        tokens = [11] * n
+
+        def step():
+            sampler.sample(runner.feed_batch(sessions, tokens), [[]] * n).tolist()
+        step()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        out[n] = n * steps / (time.perf_counter() - t0)
+        out[f'decode_path_{n}'] = path
+        out['cache_bytes_per_session'] = sessions[0].pool.nbytes // n
+        sessions = step = None  # free the pool and its graphs
+        if device.startswith('cuda'):
+            torch.cuda.empty_cache()
+    return {'tokens_per_s': {k: v for k, v in out.items() if isinstance(k, int)},
+            'ratio_4_vs_1': out[4] / out[1],
+            **{k: v for k, v in out.items() if not isinstance(k, int)}}
+
+
+# ----------------------------------------------------------------------------- 6. baseline
+def stage_hf_generate(runner, model, frames, device, new_tokens):
     """Upstream-style baseline: stock transformers ``generate`` over the offline prompt with
     every frame re-encoded after the question. Halves the frame count on OOM and says so."""
     n = len(frames)
@@ -188,35 +518,33 @@ def bench_hf_generate(runner, model, frames, device, new_tokens):
     return {'frames': 0, 'ttft_s': float('nan'), 'tokens_per_s': float('nan')}
 
 
-@torch.no_grad()
-def bench_sessions(runner, frames, device, steps: int):
-    """Batched decode of several sessions (issue 18): aggregate tokens/s of 1, 2 and 4
-    sessions fed one token each per forward (``runner.feed_batch``), each with 16 cached
-    frames and its own text. :returns: {'tokens_per_s': {n: ...}, 'cache_bytes_per_session'}."""
-    out = {}
-    enc = runner.encode_frames(frames[:16])
-    s = runner.special
-    for n in (1, 2, 4):
-        sessions = runner.new_sessions(n)
-        for i, session in enumerate(sessions):
-            runner.start_session(session)
-            for frame in enc:
-                runner.feed(session, [s.silence, s.image], [(1, frame)])
-            runner.feed(session, runner.question_ids(QUESTION)[:4 + i])  # unequal lengths
-        tokens = [11] * n
-        runner.feed_batch(sessions, tokens)  # warm-up
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            runner.feed_batch(sessions, tokens)
-        sync(device)
-        out[n] = n * steps / (time.perf_counter() - t0)
-        row = sessions[0]
-        per_session = (row.kv_cache.k.nbytes + row.kv_cache.v.nbytes
-                       + row.vision_cache.k.nbytes + row.vision_cache.v.nbytes)
-        del sessions
-    return {'tokens_per_s': out, 'ratio_4_vs_1': out[4] / out[1],
-            'cache_bytes_per_session': per_session}
+# ----------------------------------------------------------------------------- report
+def targets(report):
+    """The issue's goals, PASS/MISS with the measured value."""
+    step, eng = report.get('step', {}), report.get('engine', {})
+    enc, ses = report.get('encode', {}), report.get('sessions', {})
+    cor = report.get('correctness', {})
+    best = step.get(step.get('best', ''), {})
+    bare = best.get('tokens_per_s', float('nan'))
+    idle, ingest = eng.get('tokens_per_s_0fps', float('nan')), eng.get('tokens_per_s_1fps',
+                                                                        float('nan'))
+    encode_ms = enc.get('device_encode_graph_ms', enc.get('device_encode_eager_ms',
+                                                          float('nan')))
+    fp32 = cor.get('tiny_float32', {}).get('max_abs_dlogit', float('nan'))
+    toy = cor.get('toyworld', {})
+    bf16_equal = any(k.endswith('bfloat16') and v.get('equal_to_cpu_fp32')
+                     for k, v in toy.items())
+    rows = [('decode through the engine >= 100 tok/s (stretch 150)', ingest, ingest >= 100),
+            ('engine tok/s >= 0.9 x bare graph step', idle / bare, idle / bare >= 0.9),
+            ('decode ingesting 1 fps >= 0.95 x idle', ingest / idle, ingest / idle >= 0.95),
+            ('TTFT <= 30 ms (s)', step.get('ttft_graph_s', float('nan')),
+             step.get('ttft_graph_s', 1) <= 0.030),
+            ('frame encode on the device <= 10 ms', encode_ms, encode_ms <= 10),
+            ('4 sessions batched >= 3.5x one', ses.get('ratio_4_vs_1', float('nan')),
+             ses.get('ratio_4_vs_1', 0) >= 3.5),
+            ('CUDA fp32 logits vs CPU fp32 <= 1e-4', fp32, fp32 <= 1e-4),
+            ('bf16 greedy = fp32 greedy (toyworld episodes)', float(bf16_equal), bf16_equal)]
+    return [{'target': t, 'measured': m, 'met': bool(ok)} for t, m, ok in rows]
 
 
 def main(argv=None):
@@ -224,84 +552,88 @@ def main(argv=None):
     parser.add_argument('--tiny', action='store_true',
                         help='the tiny config on the CPU (smoke run for CI)')
     parser.add_argument('--frames', type=int, default=256)
-    parser.add_argument('--window', type=float, default=10.0, help='decode window, seconds')
+    parser.add_argument('--window', type=float, default=5.0, help='decode window, seconds')
+    parser.add_argument('--hf', action='store_true', help='also run transformers generate')
+    parser.add_argument('--out', type=Path, default=RESULTS, help='folder of the JSON')
+    parser.add_argument('--skip', default='', help='comma-separated stages to skip')
     ns = parser.parse_args(argv)
     device = 'cpu' if ns.tiny or not torch.cuda.is_available() else 'cuda'
     if not ns.tiny and device == 'cpu':
         raise SystemExit('no CUDA device: use --tiny for the CPU smoke run')
+    skip = set(filter(None, ns.skip.split(',')))
     frames_n = min(ns.frames, 16) if ns.tiny else ns.frames
     window = min(ns.window, 2.0) if ns.tiny else ns.window
     dtype = torch.float32 if device == 'cpu' else torch.bfloat16
     t_start = time.monotonic()
+    report = Report(ns.out / ('gpu_tiny.json' if ns.tiny else 'gpu.json'),
+                    machine=machine(), config='tiny' if ns.tiny else '11B',
+                    torch=torch.__version__,
+                    device=torch.cuda.get_device_name() if device == 'cuda' else 'cpu')
+    import transformers
+    report['transformers'] = transformers.__version__
+    if 'correctness' not in skip:
+        report.stage('correctness', stage_correctness, device, 1 if ns.tiny else 3)
     runner, model = build_runner(ns.tiny, device, dtype, max_frames=frames_n)
-    print(f'built {"tiny" if ns.tiny else "11B"} model in {time.monotonic() - t_start:.0f} s '
-          f'on {device} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params)',
-          flush=True)
-    px = runner.tile_px
-    frames = images(min(frames_n, 64), px)
-    frames = (frames * (frames_n // len(frames) + 1))[:frames_n]
-    if device.startswith('cuda'):
+    report['build_s'] = time.monotonic() - t_start
+    report['attn_implementation'] = runner.attn_implementation
+    print(f'built {report["config"]} model on {device} '
+          f'({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params)', flush=True)
+    frames = images(min(frames_n, 64), runner.tile_px)
+    if device == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    report = {'machine': machine(), 'device': (torch.cuda.get_device_name()
-                                               if device.startswith('cuda') else 'cpu'),
-              'config': 'tiny' if ns.tiny else '11B', 'torch': torch.__version__,
-              'attn_implementation': runner.attn_implementation}
-    report['ours'] = bench_runner(runner, frames, device)
-    print(f'  runner: {report["ours"]}', flush=True)
-    report['ours'].update(bench_engine(runner, frames[:16], window, min(frames_n, 256)))
-    if device.startswith('cuda'):
-        report['ours']['peak_memory_bytes'] = torch.cuda.max_memory_allocated()
-    print(f'  engine: {report["ours"]}', flush=True)
-    report['sessions'] = bench_sessions(runner, frames, device, steps=8 if ns.tiny else 64)
-    print(f'  sessions: {report["sessions"]}', flush=True)
-    report['hf_generate'] = bench_hf_generate(runner, model, frames, device,
-                                              new_tokens=8 if ns.tiny else 32)
-    print(f'  transformers generate: {report["hf_generate"]}', flush=True)
-
-    ours, hf = report['ours'], report['hf_generate']
-    rows = [('frame encode (ms)', ours['frame_encode_s'] * 1e3, None),
-            (f'TTFT, {ours["frames_cached"]} frames cached (s)', ours['ttft_s'],
-             hf['ttft_s']),
-            ('decode tokens/s, no frames', ours['tokens_per_s_0fps'], hf['tokens_per_s']),
-            ('decode tokens/s, ingesting 1 fps', ours['tokens_per_s_1fps'], None)]
-    rows += [(f'decode tokens/s, {n} sessions batched', v, None)
-             for n, v in report['sessions']['tokens_per_s'].items()]
-    if device.startswith('cuda'):
-        name = report['device']
-        bw, peak = next(((b, p) for key, b, p in DEVICE_LIMITS if key in name),
+    if 'step' not in skip:
+        report.stage('step', stage_step, runner, frames, device, frames_n)
+    if 'encode' not in skip:
+        report.stage('encode', stage_encode, runner, frames, device)
+    if 'engine' not in skip:
+        report.stage('engine', stage_engine, runner, frames[:16], window, frames_n)
+    if 'sessions' not in skip:
+        report.stage('sessions', stage_sessions, runner, frames, device,
+                     steps=8 if ns.tiny else 100)
+    if ns.hf:
+        report.stage('hf_generate', stage_hf_generate, runner, model, frames[:frames_n],
+                     device, new_tokens=8 if ns.tiny else 32)
+    if device == 'cuda':
+        report['peak_memory_bytes'] = torch.cuda.max_memory_allocated()
+        bw, peak = next(((b, p) for key, b, p in DEVICE_LIMITS if key in report['device']),
                         (float('nan'), float('nan')))
         text = model.model.language_model
         read = sum(p.numel() for n_, p in text.named_parameters()
                    if 'embed_tokens' not in n_ and '.cross_attn.k_proj' not in n_
                    and '.cross_attn.v_proj' not in n_) + model.lm_head.weight.numel()
-        limits = {'decode_s_per_token': 2 * read / bw, 'frame_encode_s': FRAME_FLOPS_11B / peak}
-        report['limits'] = limits
-        report['ratios'] = {
-            'decode_measured_over_floor': (1 / ours['tokens_per_s_1fps'])
-            / limits['decode_s_per_token'],
-            'encode_measured_over_floor': ours['frame_encode_s'] / limits['frame_encode_s']}
-        report['targets'] = [
-            {'target': 'TTFT with 256 cached <= 0.15 s', 'measured': ours['ttft_s'],
-             'met': ours['ttft_s'] <= 0.15},
-            {'target': 'decode >= 60 tokens/s (H100)', 'measured': ours['tokens_per_s_1fps'],
-             'met': ours['tokens_per_s_1fps'] >= 60},
-            {'target': 'frame encode <= 30 ms', 'measured': ours['frame_encode_s'],
-             'met': ours['frame_encode_s'] <= 0.030},
-            {'target': '4 sessions batched >= 2x the tokens/s of one',
-             'measured': report['sessions']['ratio_4_vs_1'],
-             'met': report['sessions']['ratio_4_vs_1'] >= 2.0}]
+        report['limits'] = {'decode_s_per_token': 2 * read / bw,
+                            'frame_encode_s': FRAME_FLOPS_11B / peak}
+    report['targets'] = targets(report)
     report['wall_s'] = time.monotonic() - t_start
-    print(f'\n{"metric":40s} {"mossv_ros":>12s} {"transformers":>14s}')
-    for label, a, b in rows:
-        print(f'{label:40s} {a:12.3f} {"" if b is None else f"{b:14.3f}"}')
-    if hf['frames'] and hf['frames'] != ours['frames_cached']:
-        print(f'(transformers baseline ran with {hf["frames"]} frames: out of memory above)')
-    for t in report.get('targets', []):
+    report.save()
+    step = report.get('step', {})
+    print(f'\n{"measure":48s} {"value":>12s}')
+    for key in ('eager_sdpa', 'graph_sdpa', 'graph_matmul_attention', 'graph_unfused',
+                'graph_cudnn_first'):
+        if key in step and 'wall_ms' in step[key]:
+            v = step[key]
+            print(f'{"decode step " + key + " wall/gpu ms":48s} {v["wall_ms"]:12.2f} '
+                  f'{v["gpu_ms"]:8.2f}  kernels {v["kernel_launches"]:.0f} '
+                  f'({v["kernel_ms"]:.2f} ms)')
+    for key in ('ttft_graph_s', 'ttft_eager_s'):
+        if key in step:
+            print(f'{"TTFT " + key + " (s)":48s} {step[key]:12.4f}')
+    for key, v in report.get('encode', {}).items():
+        if key.endswith('ms'):
+            print(f'{"encode " + key:48s} {v:12.2f}')
+    eng = report.get('engine', {})
+    for key in ('tokens_per_s_0fps', 'tokens_per_s_1fps'):
+        if key in eng:
+            print(f'{"engine decode " + key:48s} {eng[key]:12.1f}')
+    for n, v in report.get('sessions', {}).get('tokens_per_s', {}).items():
+        print(f'{f"decode tokens/s, {n} sessions batched":48s} {v:12.1f}')
+    hf = report.get('hf_generate')
+    if hf:
+        print(f'{"transformers generate TTFT (s) / tok/s":48s} {hf["ttft_s"]:12.3f} '
+              f'{hf["tokens_per_s"]:8.1f} ({hf["frames"]} frames)')
+    for t in report['targets']:
         print(f'{verdict(t["met"])}  {t["target"]}: {t["measured"]:.4f}')
-    for k, v in report.get('ratios', {}).items():
-        print(f'{k}: {v:.2f}x')
-    path = write_json('gpu_tiny.json' if ns.tiny else 'gpu.json', report)
-    print(f'wrote {path} in {report["wall_s"]:.0f} s')
+    print(f'wrote {report.path} in {report["wall_s"]:.0f} s')
     return 0
 
 

@@ -13,13 +13,20 @@ pytestmark = pytest.mark.slow
 
 
 def test_gpu_bench_runs_tiny_on_cpu():
-    res = subprocess.run([sys.executable, 'bench/gpu_bench.py', '--tiny'], cwd=ROOT,
+    res = subprocess.run([sys.executable, 'bench/gpu_bench.py', '--tiny', '--hf'], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     report = json.loads((ROOT / 'bench' / 'results' / 'gpu_tiny.json').read_text())
-    ours = report['ours']
-    assert ours['frames_cached'] == 16 and ours['ttft_s'] > 0 and ours['frame_encode_s'] > 0
-    assert ours['tokens_per_s_0fps'] > 0 and ours['tokens_per_s_1fps'] > 0
+    assert not [k for k, v in report.items() if isinstance(v, dict) and 'error' in v], report
+    cor = report['correctness']
+    assert cor['tiny_float32']['argmax_equal'] == cor['tiny_float32']['rows'] > 0
+    assert cor['normalize_equal'] and cor['toyworld']['cpu_float32']['equal_to_cpu_fp32']
+    step = report['step']
+    assert step['frames_cached'] == 16 and step['ttft_graph_s'] > 0
+    assert step['graph_sdpa']['wall_ms'] > 0 and step['eager_sdpa']['wall_ms'] > 0
+    assert report['encode']['device_encode_eager_ms'] > 0
+    assert report['engine']['tokens_per_s_0fps'] > 0 and report['engine']['tokens_per_s_1fps'] > 0
     assert report['hf_generate']['frames'] == 16 and report['hf_generate']['ttft_s'] > 0
     assert set(report['sessions']['tokens_per_s']) == {'1', '2', '4'}
+    assert len(report['targets']) == 8
     assert 'transformers' in res.stdout and 'TTFT' in res.stdout

@@ -261,6 +261,33 @@ def test_step_compiles_once_lengths_and_frames_are_data(tiny_runner):
     assert sessions[0].kv_cache.length != sessions[1].kv_cache.length
 
 
+def test_fused_projections_give_the_same_logits(tiny_checkpoint):
+    """The GPU kernels (one GEMM for q/k/v and for gate/up, F.rms_norm) compute the stock
+    layers: the same streamed logits within float rounding; the weights are views (no copy)."""
+    import copy
+
+    from mossv_ros.engine.config import EngineConfig
+    from mossv_ros.engine.runner import ModelRunner
+    runner = ModelRunner(EngineConfig(model_path=str(tiny_checkpoint), max_frames=8,
+                                      max_context_tokens=2048))
+    plain = copy.copy(runner.model)
+    runner.model.fuse_projections()
+    layer = runner.model.text.layers[0]
+    fused_weight = layer.self_attn.moss_qkv_weight
+    assert layer.self_attn.q_proj.weight.data_ptr() == fused_weight.data_ptr()
+    s = runner.special
+    frame = runner.encode_frames([np.full((40, 60, 3), 70, np.uint8)])[0]
+    streams = []
+    for model in (runner.model, plain):
+        runner.model = model
+        session = runner.new_session()
+        streams.append([runner.start_session(session),
+                        runner.feed(session, [s.silence, s.image], [(1, frame)]),
+                        runner.feed(session, list(range(20, 60))), runner.feed(session, [77])])
+    worst = max(float((a - b).abs().max()) for a, b in zip(*streams))
+    assert worst < 1e-5, worst
+
+
 def test_decode_graph_batch_sizes():
     assert decode_batch_sizes(1) == [1]
     assert decode_batch_sizes(4) == [1, 2, 4]

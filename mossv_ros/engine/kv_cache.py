@@ -48,9 +48,11 @@ class CachePool:
     storage of every session, so that one step can decode several sessions together (a batch
     row per session, each with its own length, positions and frames).
 
-    Text K/V: (num_self_layers, rows, num_kv_heads, capacity + 1, head_dim); the last slot of
-    each row (:attr:`scratch_index`) is a scratch slot that padding rows of a static-shape
-    step write to and that no real row ever sees. Vision K/V: (num_cross_layers, rows,
+    Text K/V: (num_self_layers, rows, num_kv_heads, text_slots, head_dim) with
+    ``text_slots`` = capacity + 1 rounded up to 16: slot ``capacity`` of each row
+    (:attr:`scratch_index`) is a scratch slot that padding rows of a static-shape step write
+    to, and no real row ever sees it or the slots after it (:attr:`text_slots` is a
+    full-capacity step's span). Vision K/V: (num_cross_layers, rows,
     num_kv_heads, max_frames * T, head_dim). Zero-filled: a masked key contributes exactly 0,
     never NaN.
 
@@ -61,7 +63,10 @@ class CachePool:
     def __init__(self, rows: int, num_self_layers: int, num_cross_layers: int,
                  num_kv_heads: int, head_dim: int, tokens_per_frame: int, capacity: int,
                  max_frames: int, dtype: torch.dtype, device) -> None:
-        text = (num_self_layers, rows, num_kv_heads, capacity + 1, head_dim)
+        # capacity + the scratch slot, rounded up to 16 (the alignment the memory-efficient
+        # SDPA kernel wants of a mask's last dimension; the extra slots are never visible)
+        self.text_slots = -(-(capacity + 1) // 16) * 16
+        text = (num_self_layers, rows, num_kv_heads, self.text_slots, head_dim)
         vision = (num_cross_layers, rows, num_kv_heads, max_frames * tokens_per_frame, head_dim)
         self.text_k = torch.zeros(text, dtype=dtype, device=device)
         self.text_v = torch.zeros(text, dtype=dtype, device=device)
@@ -80,11 +85,6 @@ class CachePool:
     def scratch_index(self) -> int:
         """The text-cache slot that padding rows write to (never visible to a real row)."""
         return self.capacity
-
-    @property
-    def text_slots(self) -> int:
-        """Text-cache slots per row, the scratch slot included (a full-capacity step's span)."""
-        return self.capacity + 1
 
     def row(self, r: int) -> Tuple['TextKVCache', 'VisionCache']:
         """The text and vision caches of row ``r`` (views of the pool's tensors)."""
@@ -105,7 +105,7 @@ class TextKVCache:
     no re-rotation. The step writes row ``length + i`` for the i-th new token
     (:meth:`write_indices`); :meth:`commit` advances the length once the step has run.
 
-    :ivar k: view (num_layers, 1, num_kv_heads, capacity + 1, head_dim) of the pool row;
+    :ivar k: view (num_layers, 1, num_kv_heads, text_slots, head_dim) of the pool row;
         ``v`` likewise.
     """
 

@@ -8,6 +8,7 @@ position, q normed then rotated, k rotated then normed), cumulative visibility, 
 visible frame skipping the cross layers. The weights and sub-modules (Linear, RMSNorm, MLP,
 rotary table, vision encoder layers) are the stock ``MllamaForConditionalGeneration`` ones.
 """
+import inspect
 from typing import Optional
 
 import torch
@@ -50,10 +51,13 @@ def normed_cross_keys(cross_attn: nn.Module, keys: torch.Tensor, cos: torch.Tens
 #: which re-plans for every new key length (docs/model.md section 10.3); flash takes no mask
 #: and steps aside for the memory-efficient kernel on CUDA, math is the last resort
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+#: the backends' order is a preference where this PyTorch takes one (``set_priority``)
+_PRIORITY = ({'set_priority': True}
+             if 'set_priority' in inspect.signature(sdpa_kernel).parameters else {})
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, impl: str,
-           scaling: float) -> torch.Tensor:
+           scaling: float, backends=SDPA_BACKENDS) -> torch.Tensor:
     """Masked multi-head attention with grouped KV heads, static shapes.
 
     The query heads that share a KV head are folded into the query length, so the keys are
@@ -62,8 +66,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     :param q: (batch, num_heads, q_len, head_dim).
     :param k: (batch, num_kv_heads, k_len, head_dim); ``v`` likewise.
     :param mask: bool (batch, 1, q_len, k_len), True = attend; every row attends somewhere.
-    :param impl: 'eager' (matmuls, fp32 softmax) or any other value for SDPA
-        (:data:`SDPA_BACKENDS`).
+    :param impl: 'eager' (matmuls, fp32 softmax) or any other value for SDPA.
+    :param backends: the SDPA backends allowed, in order (default :data:`SDPA_BACKENDS`).
     :returns: (batch, q_len, num_heads, head_dim).
     """
     b, heads, q_len, head_dim = q.shape
@@ -79,7 +83,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(weights, v)
     else:
-        with sdpa_kernel(SDPA_BACKENDS):
+        with sdpa_kernel(backends, **_PRIORITY):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
     return out.reshape(b, heads, q_len, head_dim).transpose(1, 2)
 
@@ -107,6 +111,10 @@ class MossVideoModel(nn.Module):
         self.text_config = hf_model.config.text_config
         self.vision_config = hf_model.config.vision_config
         self.attn_implementation = attn_implementation
+        #: fused q/k/v and gate/up GEMMs and RMSNorm kernels (:meth:`fuse_projections`)
+        self.fused = False
+        #: SDPA backends of the text step, in order of preference
+        self.sdpa_backends = SDPA_BACKENDS
         self.pool_stride = pool_stride
         self.cross_layer_ids = list(self.text_config.cross_attention_layers)
         self.self_layer_ids = [i for i in range(self.text_config.num_hidden_layers)
@@ -304,7 +312,8 @@ class MossVideoModel(nn.Module):
                 def cross_attention(q, slot=slot, layer=layer):
                     keys = _rows(pool.vision_k[slot], t.rows, vision_end, shape.gather)
                     values = _rows(pool.vision_v[slot], t.rows, vision_end, shape.gather)
-                    return attend(q, keys, values, cross_mask, impl, layer.cross_attn.scaling)
+                    return attend(q, keys, values, cross_mask, impl, layer.cross_attn.scaling,
+                                  self.sdpa_backends)
                 x = self.cross_layer(layer, x, cos, sin, cross_attention, sees)
             else:
                 slot = self.self_layer_ids.index(layer_id)
@@ -315,10 +324,41 @@ class MossVideoModel(nn.Module):
                     pool.text_v[slot][t.rows[:, None], :, t.write_index] = v.transpose(1, 2)
                     keys = _rows(pool.text_k[slot], t.rows, shape.text_span, shape.gather)
                     values = _rows(pool.text_v[slot], t.rows, shape.text_span, shape.gather)
-                    return attend(q, keys, values, text_mask, impl, layer.self_attn.scaling)
+                    return attend(q, keys, values, text_mask, impl, layer.self_attn.scaling,
+                                  self.sdpa_backends)
                 x = self.self_layer(layer, x, cos, sin, self_attention)[0]
         x = x[:, -1] if shape.last_only else x
-        return self.lm_head(self.text.norm(x)).float()
+        return self.lm_head(self._norm(self.text.norm, x)).float()
+
+    # ------------------------------------------------------------------ fused kernels
+    def fuse_projections(self) -> None:
+        """Inference kernels with fewer launches (docs/model.md section 10.3): q/k/v of every
+        self-attention layer and gate/up of every MLP as one GEMM each (the stock linears'
+        weights become views of the fused weight: no extra memory), and RMSNorm through
+        ``F.rms_norm`` (one kernel where PyTorch fuses it). The same function: logits within
+        float rounding of the unfused layers (``test_step.py``). Training keeps the stock
+        modules (it never calls this)."""
+        with torch.no_grad():
+            for layer_id, layer in enumerate(self.text.layers):
+                if layer_id not in self.cross_layer_ids:
+                    attn = layer.self_attn
+                    attn.moss_qkv_weight = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
+                layer.mlp.moss_gate_up_weight = _fuse(layer.mlp.gate_proj, layer.mlp.up_proj)
+        self.fused = True
+
+    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A stock RMSNorm (float32 statistics, weight times the input-dtype result)."""
+        if not self.fused:
+            return norm(x)
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon)
+        return norm.weight * y.to(x.dtype)
+
+    def _mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The stock gated MLP: down(act(gate(x)) * up(x))."""
+        if not self.fused:
+            return mlp(x)
+        gate, up = F.linear(x, mlp.moss_gate_up_weight).chunk(2, dim=-1)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
 
     # ------------------------------------------------------------------ layers (batched)
     def self_layer(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -334,13 +374,18 @@ class MossVideoModel(nn.Module):
         """
         attn = layer.self_attn
         b, q_len, _ = x.shape
-        h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(b, q_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(b, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(b, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        h = self._norm(layer.input_layernorm, x)
+        if self.fused:  # one GEMM for q, k and v (fuse_projections)
+            q, k, v = F.linear(h, attn.moss_qkv_weight).split(
+                [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2, -1)
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q = q.view(b, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = rotate_heads(q, cos, sin), rotate_heads(k, cos, sin)
         x = x + attn.o_proj(attention(q, k, v).reshape(b, q_len, -1))
-        return x + layer.mlp(layer.post_attention_layernorm(x)), k, v
+        return x + self._mlp(layer.mlp, self._norm(layer.post_attention_layernorm, x)), k, v
 
     def cross_layer(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     attention, row_sees_frame: Optional[torch.Tensor]) -> torch.Tensor:
@@ -357,11 +402,12 @@ class MossVideoModel(nn.Module):
         """
         attn = layer.cross_attn
         b, q_len, _ = x.shape
-        h = layer.input_layernorm(x)
+        h = self._norm(layer.input_layernorm, x)
         q = attn.q_proj(h).view(b, q_len, self.num_heads, self.head_dim).transpose(1, 2)
-        q = rotate_cross_query(attn.q_norm(q), cos, sin)
+        q = rotate_cross_query(self._norm(attn.q_norm, q), cos, sin)
         y = x + attn_gate(layer) * attn.o_proj(attention(q).reshape(b, q_len, -1))
-        y = y + mlp_gate(layer) * layer.mlp(layer.post_attention_layernorm(y))
+        y = y + mlp_gate(layer) * self._mlp(layer.mlp, self._norm(layer.post_attention_layernorm,
+                                                                  y))
         if row_sees_frame is not None:
             y = torch.where(row_sees_frame[..., None], y, x)
         return y
@@ -372,6 +418,20 @@ def _rows(cache: torch.Tensor, rows: torch.Tensor, end: int, gather: bool) -> to
     slots, head_dim): a view when the batch is the whole pool, else gathered by ``rows``."""
     part = cache[:, :, :end]
     return part.index_select(0, rows) if gather else part
+
+
+def _fuse(*linears: nn.Linear) -> torch.Tensor:
+    """One weight for several bias-free linears of one input: their rows concatenated; each
+    linear's weight becomes a view of it (no second copy in memory)."""
+    if any(lin.bias is not None for lin in linears):
+        raise ValueError('fusing needs bias-free projections')
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = nn.Parameter(weight[start:start + rows], requires_grad=False)
+        start += rows
+    return weight
 
 
 def attn_gate(layer) -> torch.Tensor:

@@ -65,10 +65,23 @@ def normalize_tiles(tiles):
     """
     import torch
 
-    mean = torch.as_tensor(CLIP_MEAN).to(tiles.device)
-    std = torch.as_tensor(CLIP_STD).to(tiles.device)
+    mean, std = _clip_constants(tiles.device)
     x = (tiles.to(torch.float32) * (1.0 / 255.0) - mean) / std
     return x.permute(0, 3, 1, 2)
+
+
+_CLIP_ON_DEVICE: dict = {}
+
+
+def _clip_constants(device):
+    """The CLIP mean and std as float32 tensors on ``device``, made once (a CUDA graph
+    replays the arithmetic but cannot record their copy to the device)."""
+    import torch
+
+    if device not in _CLIP_ON_DEVICE:
+        _CLIP_ON_DEVICE[device] = (torch.as_tensor(CLIP_MEAN).to(device),
+                                   torch.as_tensor(CLIP_STD).to(device))
+    return _CLIP_ON_DEVICE[device]
 
 
 def to_pixel_values(image: np.ndarray, tile_px: int) -> np.ndarray:

@@ -177,6 +177,8 @@ class ModelRunner:
         self._special_ids = set(tokenizer.all_special_ids) | {
             i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
         self.model = MossVideoModel(hf_model, impl, pool_stride)
+        if config.device.startswith('cuda'):
+            self.model.fuse_projections()  # fewer, larger kernels per step (section 10.3)
         self.attn_implementation = impl
         self.tile_px = self.model.vision_config.image_size
         self.vocab_size = self.model.text_config.vocab_size
