@@ -38,6 +38,13 @@ def rotate_cross_query(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     return rotate_heads(q, cos, sin)
 
 
+def rotate_rolled(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """:func:`rotate` in four kernels: ``rotate_half(x) * sin`` is ``roll(x, head_dim / 2) *
+    signed_sin`` with ``signed_sin = cat(-sin[:half], sin[half:])`` (the same products, the
+    sign moved from ``x`` to ``sin``: bit-identical)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
 def normed_cross_keys(cross_attn: nn.Module, keys: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor) -> torch.Tensor:
     """Cross keys rotated to their frame's ``<|image|>`` position, then k_norm (section 4.3).
@@ -51,6 +58,11 @@ def normed_cross_keys(cross_attn: nn.Module, keys: torch.Tensor, cos: torch.Tens
 #: which re-plans for every new key length (docs/model.md section 10.3); flash takes no mask
 #: and steps aside for the memory-efficient kernel on CUDA, math is the last resort
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+#: query rows per KV head (query heads x tokens) up to which attention runs as two matmuls
+#: and a float32 softmax: a decode step's handful of rows gives SDPA's kernels too little to
+#: spread over the GPU (H200, 11B, 256 frames cached, CUDA graph: 9.2 ms per step against 22.4
+#: with the memory-efficient kernel, bench/results/gpu.json); longer prefills take SDPA
+MATMUL_MAX_ROWS = 32
 #: the backends' order is a preference where this PyTorch takes one (``set_priority``)
 _PRIORITY = ({'set_priority': True}
              if 'set_priority' in inspect.signature(sdpa_kernel).parameters else {})
@@ -66,7 +78,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     :param q: (batch, num_heads, q_len, head_dim).
     :param k: (batch, num_kv_heads, k_len, head_dim); ``v`` likewise.
     :param mask: bool (batch, 1, q_len, k_len), True = attend; every row attends somewhere.
-    :param impl: 'eager' (matmuls, fp32 softmax) or any other value for SDPA.
+    :param impl: 'eager' (matmuls, fp32 softmax) or any other value for SDPA, except for
+        steps of at most :data:`MATMUL_MAX_ROWS` query rows per KV head (decode), which take
+        the matmuls too.
     :param backends: the SDPA backends allowed, in order (default :data:`SDPA_BACKENDS`).
     :returns: (batch, q_len, num_heads, head_dim).
     """
@@ -77,7 +91,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if rep > 1 and q_len > 1:
         mask = mask[:, :, None].expand(b, 1, rep, q_len, mask.shape[-1]).reshape(
             b, 1, rep * q_len, mask.shape[-1])
-    if impl == 'eager':
+    if impl == 'eager' or rep * q_len <= MATMUL_MAX_ROWS:
         weights = torch.matmul(q, k.transpose(2, 3)) * scaling  # (b, kv_heads, rep * q, k)
         weights = weights.masked_fill(~mask, torch.finfo(weights.dtype).min)
         weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -250,13 +264,16 @@ class MossVideoModel(nn.Module):
                                      device=self.device)[None]
             probe = torch.empty(0, dtype=self.dtype, device=self.device)
             cos, sin = self.text.rotary_emb(probe, positions)
-            self._rope = (cos[0], sin[0])
+            half = sin.shape[-1] // 2
+            signed = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+            self._rope = (cos[0], sin[0], signed)
         return self._rope
 
     def rope(self, positions: torch.Tensor):
-        """cos and sin at ``positions`` (int64 (...)): each (..., head_dim)."""
-        cos, sin = self.rope_table()
-        return cos[positions], sin[positions]
+        """cos and sin at ``positions`` (int64 (...)): each (..., head_dim); with
+        :attr:`fused` the sine comes signed for :func:`rotate_rolled`."""
+        cos, sin, signed = self.rope_table()
+        return cos[positions], (signed if self.fused else sin)[positions]
 
     @torch.no_grad()
     def finalize_keys(self, keys: torch.Tensor, position: int) -> torch.Tensor:
@@ -267,7 +284,7 @@ class MossVideoModel(nn.Module):
             the table row is a view, nothing is copied to the device).
         :returns: keys of the same shape, post-RoPE, post-k_norm (section 4.3).
         """
-        cos_table, sin_table = self.rope_table()
+        cos_table, sin_table, _ = self.rope_table()
         cos, sin = cos_table[position], sin_table[position]  # (head_dim,)
         out = [normed_cross_keys(self.text.layers[layer_id].cross_attn, keys[i], cos, sin)
                for i, layer_id in enumerate(self.cross_layer_ids)]
@@ -350,8 +367,10 @@ class MossVideoModel(nn.Module):
         """A stock RMSNorm (float32 statistics, weight times the input-dtype result)."""
         if not self.fused:
             return norm(x)
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon)
-        return norm.weight * y.to(x.dtype)
+        # one kernel where PyTorch fuses it; statistics in float32 as the stock norm, the
+        # weight applied before the one rounding to the input dtype (the stock norm rounds
+        # twice: a difference in the last bit of a bfloat16)
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
 
     def _mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The stock gated MLP: down(act(gate(x)) * up(x))."""
@@ -375,15 +394,17 @@ class MossVideoModel(nn.Module):
         attn = layer.self_attn
         b, q_len, _ = x.shape
         h = self._norm(layer.input_layernorm, x)
-        if self.fused:  # one GEMM for q, k and v (fuse_projections)
-            q, k, v = F.linear(h, attn.moss_qkv_weight).split(
-                [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2, -1)
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        if self.fused:  # one GEMM for q, k and v; q and k rotated together (signed sin)
+            qkv = F.linear(h, attn.moss_qkv_weight).view(b, q_len, heads + 2 * kv_heads, -1)
+            qk = rotate_rolled(qkv[:, :, :heads + kv_heads], cos[:, :, None], sin[:, :, None])
+            q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
+            v = qkv[:, :, heads + kv_heads:].transpose(1, 2)
         else:
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-        q = q.view(b, q_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rotate_heads(q, cos, sin), rotate_heads(k, cos, sin)
+            q = attn.q_proj(h).view(b, q_len, heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(b, q_len, kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(b, q_len, kv_heads, self.head_dim).transpose(1, 2)
+            q, k = rotate_heads(q, cos, sin), rotate_heads(k, cos, sin)
         x = x + attn.o_proj(attention(q, k, v).reshape(b, q_len, -1))
         return x + self._mlp(layer.mlp, self._norm(layer.post_attention_layernorm, x)), k, v
 
@@ -403,8 +424,11 @@ class MossVideoModel(nn.Module):
         attn = layer.cross_attn
         b, q_len, _ = x.shape
         h = self._norm(layer.input_layernorm, x)
-        q = attn.q_proj(h).view(b, q_len, self.num_heads, self.head_dim).transpose(1, 2)
-        q = rotate_cross_query(self._norm(attn.q_norm, q), cos, sin)
+        q = self._norm(attn.q_norm, attn.q_proj(h).view(b, q_len, self.num_heads, -1))
+        if self.fused:
+            q = rotate_rolled(q, cos[:, :, None], sin[:, :, None]).transpose(1, 2)
+        else:
+            q = rotate_cross_query(q.transpose(1, 2), cos, sin)
         y = x + attn_gate(layer) * attn.o_proj(attention(q).reshape(b, q_len, -1))
         y = y + mlp_gate(layer) * self._mlp(layer.mlp, self._norm(layer.post_attention_layernorm,
                                                                   y))

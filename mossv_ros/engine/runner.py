@@ -435,7 +435,7 @@ class ModelRunner:
                 shape = graphs.decode_shape(len(sessions))
                 if shape is not None:
                     return self._replay(graphs, shape, sessions, tokens)
-            elif len(sessions) == 1:
+            elif len(sessions) == 1 and graphs.prefill_shape(len(tokens[0])) is not None:
                 ids, out, done = tokens[0], None, 0
                 while done < len(ids):  # chunks of the longest captured length, padded
                     shape = graphs.prefill_shape(len(ids) - done)
