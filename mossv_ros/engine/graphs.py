@@ -22,6 +22,10 @@ from .step import build_metadata, full_shape, StepShape, to_device
 
 #: padded prefill chunk lengths (one session per chunk); a longer prefill is cut into chunks
 PREFILL_TOKENS = (2, 8, 32, 128)
+#: decode graphs attend to max_frames / f vision slots for each f, the smallest that holds
+#: the rows' frames: a row reads its whole span of the vision cache every step (847 MB at 256
+#: frames at 11B), so young sessions read less
+FRAME_SPAN_DIVISORS = (8, 4, 2, 1)
 #: eager runs of each step before its capture (lazy initialisation, cuBLAS workspaces)
 WARMUP_RUNS = 2
 
@@ -57,8 +61,9 @@ def _capture(fn, static_inputs: Sequence[torch.Tensor], pool_handle):
 class StepGraphs:
     """The text step (:meth:`~.moss_video.MossVideoModel.forward_step`) captured over one
     :class:`~.kv_cache.CachePool`: decode graphs for every batch size of
-    :func:`decode_batch_sizes` and prefill graphs (one row) for every chunk length of
-    :data:`PREFILL_TOKENS`, each over the full capacity of both caches.
+    :func:`decode_batch_sizes` and vision span of :data:`FRAME_SPAN_DIVISORS`, and prefill
+    graphs (one row) for every chunk length of :data:`PREFILL_TOKENS`, each over the full text
+    capacity (prefills: and the full vision cache).
 
     Capturing runs each step on dummy rows that write only to the pool's scratch slot, so the
     sessions' caches are untouched. Without :meth:`capture` (on the CPU) :meth:`replay` runs
@@ -74,7 +79,9 @@ class StepGraphs:
         self.model = model
         self.pool = pool
         limit = pool.capacity
-        self.decode_shapes = [full_shape(pool, b, 1) for b in decode_batch_sizes(pool.rows)]
+        spans = sorted({-(-pool.max_frames // d) for d in FRAME_SPAN_DIVISORS})
+        self.decode_shapes = [full_shape(pool, b, 1, span)
+                              for b in decode_batch_sizes(pool.rows) for span in spans]
         self.prefill_shapes = [full_shape(pool, 1, q) for q in prefill_tokens if q <= limit]
         self._graphs: Dict[StepShape, _Captured] = {}
 
@@ -97,9 +104,11 @@ class StepGraphs:
     def num_graphs(self) -> int:
         return len(self._graphs)
 
-    def decode_shape(self, batch: int) -> Optional[StepShape]:
-        """The smallest captured decode shape of at least ``batch`` rows (None: none)."""
-        return next((s for s in self.decode_shapes if s.batch >= batch), None)
+    def decode_shape(self, batch: int, high_water: int) -> Optional[StepShape]:
+        """The smallest captured decode shape of at least ``batch`` rows whose vision span
+        holds ``high_water`` slots (None: none)."""
+        return next((s for s in self.decode_shapes
+                     if s.batch >= batch and s.frame_span >= high_water), None)
 
     def prefill_shape(self, tokens: int) -> Optional[StepShape]:
         """The smallest captured one-row shape of at least ``tokens`` tokens, else the

@@ -432,7 +432,8 @@ class ModelRunner:
         graphs = pool.graphs
         if graphs is not None and not all_logits:
             if all(len(t) == 1 for t in tokens):
-                shape = graphs.decode_shape(len(sessions))
+                shape = graphs.decode_shape(len(sessions), max(
+                    s.vision_cache.high_water for s in sessions))
                 if shape is not None:
                     return self._replay(graphs, shape, sessions, tokens)
             elif len(sessions) == 1 and graphs.prefill_shape(len(tokens[0])) is not None:

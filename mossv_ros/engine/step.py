@@ -16,7 +16,7 @@ positions (frame_span)]``.
 """
 import contextlib
 from dataclasses import dataclass
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -103,10 +103,13 @@ def eager_shape(pool: CachePool, inputs: Sequence[RowInput], high_water: int,
     return StepShape(len(inputs), q, text_span, frame_span, gather, last_only)
 
 
-def full_shape(pool: CachePool, batch: int, tokens: int) -> StepShape:
+def full_shape(pool: CachePool, batch: int, tokens: int,
+               frame_span: Optional[int] = None) -> StepShape:
     """The shape of a captured step: ``batch`` rows (gathered unless the whole pool) of
-    ``tokens`` tokens over the full capacity of both caches."""
-    return StepShape(batch, tokens, pool.text_slots, pool.max_frames, batch != pool.rows)
+    ``tokens`` tokens over the full text capacity and ``frame_span`` vision slots (default
+    all of them)."""
+    return StepShape(batch, tokens, pool.text_slots, frame_span or pool.max_frames,
+                     batch != pool.rows)
 
 
 def build_metadata(shape: StepShape, pool: CachePool,
