@@ -35,7 +35,7 @@ def question_prefill_flops(model, num_query: int, context_tokens: int, num_frame
     ``context_tokens`` text tokens and ``num_frames`` cached frames: q/k/v/o projections and
     MLPs of every layer (cross layers take K/V from the vision cache), self-attention over the
     text context, cross-attention over every cached vision token (all query heads), the LM head
-    for the last row. The arithmetic of moss-model.md section 8.2 applied to the question.
+    for the last row. The arithmetic of docs/model.md section 8.2 applied to the question.
 
     :param model: a ``MossVideoModel`` (reads its text config and layer layout).
     :returns: FLOPs as a float.

@@ -42,7 +42,7 @@ def cmd_ask(ns) -> int:
 
 
 def cmd_offline(ns) -> int:
-    """Answer one question about a video file or images, no ROS (moss-model.md section 6.3)."""
+    """Answer one question about a video file or images, no ROS (docs/model.md section 6.3)."""
     import cv2
 
     from .engine.config import EngineConfig, SamplingConfig

@@ -21,7 +21,7 @@ if sys.prefix not in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep):
 
 @pytest.fixture(scope='session')
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """The moss-model.md section 9 tiny model in the published MOSS layout."""
+    """The docs/model.md section 9 tiny model in the published MOSS layout."""
     from mossv_ros.engine.tiny import write_tiny_checkpoint
     return write_tiny_checkpoint(tmp_path_factory.mktemp('tiny') / 'moss', seed=0)
 

@@ -232,3 +232,13 @@ def test_every_round_ends_exactly_once_with_one_final_answer(script):
         assert revisions == list(range(len(revisions)))
     assert not any(isinstance(e, AnswerEvent) and e.is_final and e.round_id == 0
                    for e in events)
+
+
+def test_realtime_system_prompt_is_byte_exact():
+    """The prompt the real-time checkpoint was trained with, byte for byte (its sha256)."""
+    import hashlib
+
+    from mossv_ros.engine import prompt
+    digest = hashlib.sha256(prompt.REALTIME_SYSTEM_PROMPT.encode('utf-8')).hexdigest()
+    assert digest == prompt.REALTIME_SYSTEM_PROMPT_SHA256
+    assert len(prompt.REALTIME_SYSTEM_PROMPT) == 1221

@@ -1,4 +1,4 @@
-"""MOSS forward: the streaming path equals a full-sequence forward (moss-model.md 7.6), and
+"""MOSS forward: the streaming path equals a full-sequence forward (docs/model.md 7.6), and
 the section 9 unit tests of the vision path and cross-attention."""
 import dataclasses
 

@@ -1,4 +1,4 @@
-"""Offline mode (moss-model.md sections 4.7, 5.2, 6.3): chunked encoding, frame sampling."""
+"""Offline mode (docs/model.md sections 4.7, 5.2, 6.3): chunked encoding, frame sampling."""
 import numpy as np
 import pytest
 import torch

@@ -209,6 +209,8 @@ def test_diagnostics_levels_follow_the_situation(ros_context, tiny_checkpoint):
         assert got and 'no frame for' in st.message, st
         got, model = wait_level('model', DiagnosticStatus.OK)
         assert got and {kv.key: kv.value for kv in model.values}['dtype'] == 'float32'
+        got, st = wait_level('engine', DiagnosticStatus.OK)
+        assert got and {kv.key: kv.value for kv in st.values}['decode_path'] == 'eager (cpu)'
         real = node.engine.runner.feed
 
         def boom(*a, **k):
@@ -272,3 +274,20 @@ def test_overlay_only_with_a_subscriber_stamped_and_showing_the_text(ros_context
     assert a.shape == b.shape and not np.array_equal(a[band], b[band])
     assert not np.array_equal(a[band], silent[band])
     assert np.array_equal(a[:480], b[:480])  # the picture itself is untouched
+
+
+def test_diagnostics_warn_when_cuda_graph_capture_failed():
+    """A node that fell back to eager steps works, but slower than it should: WARN with why."""
+    from builtin_interfaces.msg import Time
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    from mossv_ros.engine import events as ev
+    from mossv_ros.ros.diagnostics import diagnostic_array
+    stats = ev.EngineStats(state='ready', decode_path='eager (capture failed: RuntimeError: x)')
+    engine = [st for st in diagnostic_array('n', Time(), {}, stats, [], 2.0, 0.0).status
+              if st.name == 'n: engine'][0]
+    assert engine.level == DiagnosticStatus.WARN and 'capture failed' in engine.message
+    stats.decode_path = 'cuda graphs (8 steps + encoder)'
+    engine = [st for st in diagnostic_array('n', Time(), {}, stats, [], 2.0, 0.0).status
+              if st.name == 'n: engine'][0]
+    assert engine.level == DiagnosticStatus.OK

@@ -288,6 +288,56 @@ def test_fused_projections_give_the_same_logits(tiny_checkpoint):
     assert worst < 1e-5, worst
 
 
+def test_failed_graph_capture_runs_eagerly_and_says_so(tiny_checkpoint, monkeypatch):
+    """A capture that fails (here: forced, as if on CUDA) leaves eager steps with a warning;
+    the engine starts, answers, and its stats say why it runs eagerly."""
+    import dataclasses
+    import logging
+
+    from mossv_ros.engine import graphs
+    from mossv_ros.engine.config import EngineConfig
+    from mossv_ros.engine.engine import StreamingEngine
+    from mossv_ros.engine.events import AnswerEvent, Frame
+    from mossv_ros.engine.runner import ModelRunner
+
+    def broken(self):
+        raise RuntimeError('operation not permitted when stream is capturing')
+    monkeypatch.setattr(graphs.StepGraphs, 'capture', broken)
+    cfg = EngineConfig(model_path=str(tiny_checkpoint), max_frames=8, max_context_tokens=2048,
+                       round_close_after_frames=1, sampling=SamplingConfig(max_new_tokens=4))
+    runner = ModelRunner(cfg)
+    runner.config = dataclasses.replace(runner.config, device='cuda')  # as if on a GPU
+    engine = StreamingEngine(cfg, runner=runner)
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger('mossv_ros.engine.runner').addHandler(handler)
+    try:
+        engine.start()
+        try:
+            assert engine.wait_ready(60)
+            path = engine.stats().decode_path
+            ok, round_id, _ = engine.submit_question('What is there?')
+            for i in range(3):
+                engine.submit_frame(Frame(np.full((40, 60, 3), 20 * i, np.uint8)),
+                                    stamp_sec=float(i))
+                assert engine.wait_idle(30)
+            finals = [e for e in engine.poll_events()
+                      if isinstance(e, AnswerEvent) and e.is_final and e.round_id == round_id]
+        finally:
+            engine.stop()
+    finally:
+        logging.getLogger('mossv_ros.engine.runner').removeHandler(handler)
+    assert path.startswith('eager (capture failed: RuntimeError') and ok
+    assert len(finals) == 1
+    assert any('CUDA graph capture failed' in r.getMessage() for r in records)
+    assert engine.runner.encoder_graph is None and engine.session.pool.graphs is None
+
+
+def test_cpu_runs_eagerly_and_says_so(tiny_runner):
+    assert tiny_runner.capture_graphs(tiny_runner.new_sessions(1)) == 'eager (cpu)'
+
+
 def test_decode_graph_batch_sizes():
     assert decode_batch_sizes(1) == [1]
     assert decode_batch_sizes(4) == [1, 2, 4]

@@ -3,7 +3,7 @@
 Both the published MOSS layout (config ``model_type`` 'video_mllama', 4.46-era weight names
 such as ``language_model.model.*``) and a plain transformers 5.x 'mllama' layout load into the
 stock ``MllamaForConditionalGeneration``, with no ``trust_remote_code``
-(moss-model.md sections 4.9 and 6.1).
+(docs/model.md sections 4.9 and 6.1).
 """
 from dataclasses import dataclass
 import json
@@ -28,7 +28,7 @@ class CheckpointError(ValueError):
 
 @dataclass
 class SpecialTokenIds:
-    """Vocabulary ids of the stream grammar's special tokens (moss-model.md section 5.1)."""
+    """Vocabulary ids of the stream grammar's special tokens (docs/model.md section 5.1)."""
 
     bos: int
     start_header: int
@@ -164,7 +164,7 @@ def resolve_special_ids(tokenizer) -> SpecialTokenIds:
     """Resolve the grammar's special tokens by name.
 
     :raises CheckpointError: naming every token the tokenizer does not know (the MOSS
-        tokenizer renames reserved slots 128011/128012/128255, moss-model.md section 5.1).
+        tokenizer renames reserved slots 128011/128012/128255, docs/model.md section 5.1).
     """
     ids, missing = {}, []
     unk = getattr(tokenizer, 'unk_token_id', None)

@@ -56,7 +56,7 @@ def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
 
 @dataclass
 class SamplingConfig:
-    """Sampling of the next token (moss-model.md section 6.2 defaults: do_sample, top_k 50).
+    """Sampling of the next token (docs/model.md section 6.2 defaults: do_sample, top_k 50).
 
     ``temperature`` 0 means greedy decoding.
     """
@@ -97,7 +97,7 @@ class EngineConfig:
         and decode threads do not oversubscribe them).
     :ivar trust_remote_code: allow the checkpoint's own code (off; executes code from disk).
     :ivar frame_rate_hz: frames per second fed to the model (training distribution: 1.0,
-        moss-model.md section 7.3).
+        docs/model.md section 7.3).
     :ivar max_frames: vision-cache budget in frames (3.16 MiB/frame at 11B bf16, section 8.1).
     :ivar num_sink_frames: oldest frames always kept by the 'sink_window' eviction policy.
     :ivar max_context_tokens: text KV-cache budget in tokens; when full, the middle of the

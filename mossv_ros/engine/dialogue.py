@@ -1,4 +1,4 @@
-"""The dialogue: rounds, utterances, silence and revisions (moss-model.md sections 6-7).
+"""The dialogue: rounds, utterances, silence and revisions (docs/model.md sections 6-7).
 
 Pure Python (no torch, no threads, no locks): the engine thread feeds it what happened (a
 sampled token, a frame that went into the vision cache, a question, a reset) and it returns the
@@ -97,7 +97,7 @@ class Dialogue:
     :param config: the engine configuration (read live: ``sampling.max_new_tokens``,
         ``round_close_after_frames``, ``round_close_after_sec``); replace :attr:`config` to
         change it.
-    :param silence_id: token id of ``<|silence|>`` (moss-model.md section 3).
+    :param silence_id: token id of ``<|silence|>`` (docs/model.md section 3).
     :param decode: ``decode(token_ids) -> str`` (the tokenizer's decode, specials skipped).
     :param oldest_frame_index: ``() -> int``, index of the oldest frame in the vision cache
         (-1 when empty): an answer is grounded from there.

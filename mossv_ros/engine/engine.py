@@ -1,4 +1,4 @@
-"""The streaming engine loop: speak-while-watching decode (moss-model.md section 7).
+"""The streaming engine loop: speak-while-watching decode (docs/model.md section 7).
 
 Three pieces, one job each:
 

@@ -24,7 +24,8 @@ from .step import build_metadata, full_shape, StepShape, to_device
 PREFILL_TOKENS = (2, 8, 32, 128)
 #: decode graphs attend to max_frames / f vision slots for each f, the smallest that holds
 #: the rows' frames: a row reads its whole span of the vision cache every step (847 MB at 256
-#: frames at 11B), so young sessions read less
+#: frames at 11B), so young sessions read less (and one more graph with no vision slots skips
+#: the cross layers while no row has a frame)
 FRAME_SPAN_DIVISORS = (8, 4, 2, 1)
 #: eager runs of each step before its capture (lazy initialisation, cuBLAS workspaces)
 WARMUP_RUNS = 2
@@ -79,7 +80,7 @@ class StepGraphs:
         self.model = model
         self.pool = pool
         limit = pool.capacity
-        spans = sorted({-(-pool.max_frames // d) for d in FRAME_SPAN_DIVISORS})
+        spans = sorted({0} | {-(-pool.max_frames // d) for d in FRAME_SPAN_DIVISORS})
         self.decode_shapes = [full_shape(pool, b, 1, span)
                               for b in decode_batch_sizes(pool.rows) for span in spans]
         self.prefill_shapes = [full_shape(pool, 1, q) for q in prefill_tokens if q <= limit]

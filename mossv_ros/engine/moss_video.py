@@ -1,6 +1,6 @@
 """The MOSS-Video-Preview forward on top of transformers' stock Mllama modules.
 
-Everything MOSS changes relative to stock Llama-3.2-Vision lives here (moss-model.md section 4):
+Everything MOSS changes relative to stock Llama-3.2-Vision lives here (docs/model.md section 4):
 one 560x560 tile per frame, a vision tower with full unmasked attention over the padded tokens
 and 4.46 intermediate-layer semantics, CLS + 4x4 average pooling (101 tokens per frame at 11B),
 RoPE on cross-attention (query at its text position, key at the frame's ``<|image|>``
@@ -79,8 +79,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     :param k: (batch, num_kv_heads, k_len, head_dim); ``v`` likewise.
     :param mask: bool (batch, 1, q_len, k_len), True = attend; every row attends somewhere.
     :param impl: 'eager' (matmuls, fp32 softmax) or any other value for SDPA, except for
-        steps of at most :data:`MATMUL_MAX_ROWS` query rows per KV head (decode), which take
-        the matmuls too.
+        CUDA steps of at most :data:`MATMUL_MAX_ROWS` query rows per KV head (decode), which
+        take the matmuls too (on the CPU SDPA's kernel is the faster there).
     :param backends: the SDPA backends allowed, in order (default :data:`SDPA_BACKENDS`).
     :returns: (batch, q_len, num_heads, head_dim).
     """
@@ -91,14 +91,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if rep > 1 and q_len > 1:
         mask = mask[:, :, None].expand(b, 1, rep, q_len, mask.shape[-1]).reshape(
             b, 1, rep * q_len, mask.shape[-1])
-    if impl == 'eager' or rep * q_len <= MATMUL_MAX_ROWS:
+    if impl == 'eager' or (q.is_cuda and rep * q_len <= MATMUL_MAX_ROWS):
         weights = torch.matmul(q, k.transpose(2, 3)) * scaling  # (b, kv_heads, rep * q, k)
         weights = weights.masked_fill(~mask, torch.finfo(weights.dtype).min)
         weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(weights, v)
-    else:
+    elif q.is_cuda:  # (the CPU has no cuDNN kernel to avoid: no context to enter there)
         with sdpa_kernel(backends, **_PRIORITY):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
     return out.reshape(b, heads, q_len, head_dim).transpose(1, 2)
 
 
@@ -166,7 +168,7 @@ class MossVideoModel(nn.Module):
 
     @torch.no_grad()
     def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Encode frames into cross-attention states (moss-model.md section 4.2).
+        """Encode frames into cross-attention states (docs/model.md section 4.2).
 
         :param pixel_values: float tensor (num_frames, 3, image_size, image_size), RGB,
             CLIP-normalized, one tile per frame.
@@ -180,7 +182,8 @@ class MossVideoModel(nn.Module):
         Differentiable (toyworld training); inference goes through :meth:`encode_vision`.
 
         :returns: (num_frames, num_patches + 1, vision_output_dim): the global encoder output
-            followed by the intermediate states interleaved per channel (section 4.2.4).
+            followed by the intermediate states interleaved per channel (docs/model.md
+            section 4.2 step 4).
         """
         vm = self.vision
         x = vm.patch_embedding(pixel_values.to(self.device, vm.patch_embedding.weight.dtype))
@@ -199,7 +202,7 @@ class MossVideoModel(nn.Module):
         states = {}
         for i, layer in enumerate(vm.transformer.layers):
             if i in wanted:
-                states[i] = x  # 4.46 semantics: index i = input of local layer i (section 4.2.4)
+                states[i] = x  # index i = the input of local layer i (section 4.2 step 4)
             x = layer(x, attention_mask=None)
         if len(vm.transformer.layers) in wanted:
             states[len(vm.transformer.layers)] = x
@@ -302,7 +305,8 @@ class MossVideoModel(nn.Module):
         slots up to its own (a length mask over ``shape.text_span`` slots) and, in the cross
         layers, to the vision-cache slots whose ``<|image|>`` position is at or before its
         position (:func:`~.kv_cache.cumulative_visibility` over ``shape.frame_span`` slots;
-        free slots are never visible); rows that see no frame keep their input (section 4.5).
+        free slots are never visible); rows that see no frame keep their input, and with no
+        frame in any row (``frame_span`` 0) the cross layers are skipped (section 4.5).
         No Python branch depends on data and nothing is read back to the host, so the step
         can be captured as a CUDA graph and replayed with new metadata.
 
@@ -317,13 +321,16 @@ class MossVideoModel(nn.Module):
         cos, sin = self.rope(t.positions)  # (b, q, head_dim)
         slots = torch.arange(shape.text_span, device=x.device)
         text_mask = (slots[None, None, :] <= t.write_index[:, :, None])[:, None]  # (b,1,q,S)
-        cross_mask, sees = cumulative_visibility(t.frame_positions, t.positions,
-                                                 self.tokens_per_frame)
-        cross_mask = cross_mask[:, None]  # (b, 1, q, frame_span * T)
+        if shape.frame_span:
+            cross_mask, sees = cumulative_visibility(t.frame_positions, t.positions,
+                                                     self.tokens_per_frame)
+            cross_mask = cross_mask[:, None]  # (b, 1, q, frame_span * T)
         vision_end = shape.frame_span * self.tokens_per_frame
         impl = self.attn_implementation
         for layer_id, layer in enumerate(self.text.layers):
             if layer_id in self.cross_layer_ids:
+                if not shape.frame_span:
+                    continue  # skip rule: no row has a frame (section 4.5)
                 slot = self.cross_layer_ids.index(layer_id)
 
                 def cross_attention(q, slot=slot, layer=layer):

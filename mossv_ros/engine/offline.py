@@ -1,6 +1,6 @@
 """Offline mode: answer one question about a whole video file or a set of images.
 
-What upstream's ``offline_generate`` does (moss-model.md section 6.3), without its memory
+What upstream's ``offline_generate`` does (docs/model.md section 6.3), without its memory
 blow-up: frames are sampled at ``video_fps`` (clamped to ``[min_frames, max_frames]``, uniform
 when the count falls outside, section 5.2), encoded ``chunk_frames`` at a time (section 4.7) and
 only the 8-head cross K/V of each frame is kept (section 3). The prompt is the offline SFT
@@ -20,7 +20,7 @@ from . import prompt as grammar
 from .config import SamplingConfig
 from .sampling import Sampler
 
-#: Offline system prompt used by upstream's benchmark script (moss-model.md section 5.2).
+#: Offline system prompt used by upstream's benchmark script (docs/model.md section 5.2).
 OFFLINE_SYSTEM_PROMPT = ('You are a helpful AI assistant specializing in video analysis. '
                          "Respond to the user's request based on the provided video content.")
 
@@ -53,7 +53,7 @@ def sample_indices(num_source: int, source_fps: float, video_fps: float = 1.0,
     """Indices of the frames to keep from a clip of ``num_source`` frames at ``source_fps``.
 
     ``round(duration * video_fps)`` frames, clamped to ``[min_frames, max_frames]`` and never
-    more than the clip has, spread uniformly over the clip (moss-model.md section 5.2,
+    more than the clip has, spread uniformly over the clip (docs/model.md section 5.2,
     ``mm_plugin.py:99-139``).
 
     :raises ValueError: an empty clip or non-positive rates.

@@ -7,7 +7,7 @@ import unicodedata
 def frame_due(last_sec: Optional[float], stamp_sec: float, period_sec: float,
               tolerance: float = 0.05) -> bool:
     """Is a frame stamped ``stamp_sec`` due, the last fed one being stamped ``last_sec``?
-    Frames are kept at least ``period_sec`` (1 / ``frames.rate_hz``, moss-model.md section
+    Frames are kept at least ``period_sec`` (1 / ``frames.rate_hz``, docs/model.md section
     7.3) apart in stamp time, less ``tolerance`` of a period for jitter.
 
     Uses the frames' own stamps (camera or sim time), so a bag replayed faster than real time

@@ -1,5 +1,5 @@
 """Frame pre-processing: one 560x560 tile per frame, as transformers' ``MllamaImageProcessor``
-with ``max_image_tiles=1`` prepares it (moss-model.md section 4.2 step 1).
+with ``max_image_tiles=1`` prepares it (docs/model.md section 4.2 step 1).
 
 The real checkpoint was trained on frames prepared by that processor, so the steps and their
 arithmetic are its own: the frame is resized with PIL bilinear resampling (aspect ratio kept,
@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-#: CLIP normalization constants (moss-model.md section 4.2 step 1).
+#: CLIP normalization constants (docs/model.md section 4.2 step 1).
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 

@@ -1,10 +1,8 @@
 """MOSS real-time stream grammar: special tokens, the system prompt and turn layout.
 
-Pure module (no torch, no rclpy). Source: moss-model.md sections 5.1-5.4.
+Pure module (no torch, no rclpy). Source: docs/model.md sections 5.1-5.4.
 """
-import hashlib
-
-#: The real-time system prompt, byte-exact (moss-model.md section 5.3).
+#: The real-time system prompt, byte-exact (docs/model.md section 5.3).
 REALTIME_SYSTEM_PROMPT = (
     'You are a helpful AI assistant. You perceive and understand the surrounding environment in real-time through the camera and interact with the user. Whether or not the user actively asks questions, you continuously observe and analyze visual information, maintaining awareness of the environment.\n'
     '\n'
@@ -21,10 +19,11 @@ REALTIME_SYSTEM_PROMPT = (
     'Your goal is to be the user\'s reliable "eyes", helping them understand and perceive the world around them.'
 )
 
-#: UTF-8 sha256 of :data:`REALTIME_SYSTEM_PROMPT` given in moss-model.md section 5.3.
+#: UTF-8 sha256 of :data:`REALTIME_SYSTEM_PROMPT` as the training data has it (checked by
+#: ``test_dialogue.py``; docs/model.md section 5.3).
 REALTIME_SYSTEM_PROMPT_SHA256 = '4fa69862e0cae1329957a85dbbee2c69d1b66e745bcdbb0a91baece6524f2327'
 
-#: Special-token names resolved by name in the tokenizer (moss-model.md section 5.1).
+#: Special-token names resolved by name in the tokenizer (docs/model.md section 5.1).
 BOS = '<|begin_of_text|>'
 START_HEADER = '<|start_header_id|>'
 END_HEADER = '<|end_header_id|>'
@@ -37,15 +36,10 @@ IMAGE = '<|image|>'
 REQUIRED_SPECIAL_TOKENS = (BOS, START_HEADER, END_HEADER, EOT, SILENCE, ELLIPSIS, VIDEO, IMAGE)
 
 
-def system_prompt_sha256(text: str = REALTIME_SYSTEM_PROMPT) -> str:
-    """Return the hex sha256 of ``text`` encoded as UTF-8."""
-    return hashlib.sha256(text.encode('utf-8')).hexdigest()
-
-
 def header_text(role: str) -> str:
     """Text of one role header: ``<|start_header_id|>role<|end_header_id|>`` + blank line.
 
-    Source: moss-model.md section 5.2 (LlamaFactory ``mllama`` template).
+    Source: docs/model.md section 5.2 (LlamaFactory ``mllama`` template).
     """
     return f'{START_HEADER}{role}{END_HEADER}\n\n'
 

@@ -198,7 +198,7 @@ class ModelRunner:
             return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def question_ids(self, question: str) -> List[int]:
-        """Token ids of a mid-stream user turn (moss-model.md section 7.4 step 5); see
+        """Token ids of a mid-stream user turn (docs/model.md section 7.4 step 5); see
         :meth:`user_text_ids`."""
         return self.user_text_ids(grammar.question_text, question)
 
@@ -227,7 +227,7 @@ class ModelRunner:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def suppressed_ids(self) -> List[int]:
-        """Ids never sampled in real-time mode (moss-model.md section 7.4 step 2): the grammar's
+        """Ids never sampled in real-time mode (docs/model.md section 7.4 step 2): the grammar's
         structural tokens, ``<|eot_id|>`` (never a real-time target) and every other special
         added token (Llama-3's reserved slots), all but ``<|silence|>``."""
         s = self.special
@@ -282,7 +282,6 @@ class ModelRunner:
                 self.encoder_graph = EncoderGraph(self.model, self.tile_px)
         except Exception as exc:  # noqa: BLE001 - any capture failure: eager, say why
             pool.graphs = None
-            torch.cuda.synchronize()
             log.warning('CUDA graph capture failed, running eagerly: %s: %s',
                         type(exc).__name__, exc)
             return f'eager (capture failed: {type(exc).__name__}: {exc})'[:200]
@@ -444,33 +443,36 @@ class ModelRunner:
                     out = self._replay(graphs, shape, sessions, [chunk], offset=done)
                     done += len(chunk)
                 return out
-        inputs = self._row_inputs(sessions, tokens, None)
+        inputs = self._row_inputs(sessions, tokens)
         high_water = max(s.vision_cache.high_water for s in sessions)
         shape = eager_shape(pool, inputs, high_water, last_only=not all_logits)
-        meta, where = build_metadata(shape, pool, self._row_inputs(sessions, tokens, shape))
+        meta, where = build_metadata(shape, pool, inputs)
         out = self.model.forward_step(pool, to_device(meta, pool.device), shape)
-        return self._commit(sessions, tokens, out, where)
+        return self._commit(sessions, tokens, out, where, copy=False)
 
     def _replay(self, graphs, shape, sessions, tokens, offset: int = 0) -> torch.Tensor:
-        inputs = self._row_inputs(sessions, tokens, shape, offset)
-        meta, where = build_metadata(shape, sessions[0].pool, inputs)
-        return self._commit(sessions, tokens, graphs.replay(shape, meta), where)
+        meta, where = build_metadata(shape, sessions[0].pool,
+                                     self._row_inputs(sessions, tokens, offset))
+        return self._commit(sessions, tokens, graphs.replay(shape, meta), where, copy=True)
 
     @staticmethod
-    def _row_inputs(sessions, tokens, shape, offset: int = 0) -> List[RowInput]:
+    def _row_inputs(sessions, tokens, offset: int = 0) -> List[RowInput]:
         """Each session's part of a step whose tokens start ``offset`` tokens after its next
         position (a later chunk of a prefill)."""
-        span = shape.frame_span if shape is not None else None
         return [RowInput(s.row, ids, s.next_pos + offset, s.kv_cache.write_indices(len(ids)),
-                         s.vision_cache.frame_positions(span))
+                         s.vision_cache.frame_positions(s.vision_cache.capacity))
                 for s, ids in zip(sessions, tokens)]
 
     @staticmethod
-    def _commit(sessions, tokens, out: torch.Tensor, where: List[int]) -> torch.Tensor:
-        """Advance each session's cache length; the rows of ``out`` in session order (a new
-        tensor: a graph's output buffer is overwritten by its next replay)."""
+    def _commit(sessions, tokens, out: torch.Tensor, where: List[int],
+                copy: bool) -> torch.Tensor:
+        """Advance each session's cache length; the rows of ``out`` in session order (with
+        ``copy`` a new tensor: a graph's output buffer is overwritten by its next replay)."""
         for session, ids in zip(sessions, tokens):
             session.kv_cache.commit(len(ids))
+        first = where[0]
+        if not copy and where == list(range(first, first + len(where))):
+            return out[first:first + len(where)]
         return torch.stack([out[i] for i in where])
 
     def _recover_from_oom(self, session: Session) -> None:
@@ -501,7 +503,8 @@ class ModelRunner:
         session.num_evicted_tokens += cache.evict_middle(session.prefix_tokens, want)
 
     def start_session(self, session: Session, system_prompt: str = '') -> torch.Tensor:
-        """Prefill BOS + system prompt + empty user turn + assistant header (section 7.4.1)."""
+        """Prefill BOS + system prompt + empty user turn + assistant header (docs/model.md
+        section 7.4 step 1)."""
         session.clear()
         ids = self.tokenize(grammar.session_start_text(system_prompt
                                                        or grammar.REALTIME_SYSTEM_PROMPT))

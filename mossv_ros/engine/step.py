@@ -37,7 +37,8 @@ class StepShape:
     :ivar tokens: tokens per row (q); padding tokens come first.
     :ivar text_span: text-cache slots attended per row (the pool's ``text_slots`` for a full
         step; a used prefix for an eager one).
-    :ivar frame_span: vision-cache slots attended per row.
+    :ivar frame_span: vision-cache slots attended per row; 0: no row has a frame, the cross
+        layers are skipped (the skip rule, decided on the host before the step).
     :ivar gather: the batch rows are pool rows chosen by the metadata (gathered); False when
         the batch is the whole pool in row order (read as views).
     :ivar last_only: logits of the last token of each row only (else of every token).
@@ -98,7 +99,7 @@ def eager_shape(pool: CachePool, inputs: Sequence[RowInput], high_water: int,
     q = max(len(r.token_ids) for r in inputs)
     end = max(int(r.write_indices[-1]) + 1 for r in inputs)
     text_span = min(pool.text_slots, _round_up(end, TEXT_SPAN_ROUND))
-    frame_span = min(pool.max_frames, max(1, _round_up(high_water, FRAME_SPAN_ROUND)))
+    frame_span = min(pool.max_frames, _round_up(high_water, FRAME_SPAN_ROUND))
     gather = sorted(r.row for r in inputs) != list(range(pool.rows))
     return StepShape(len(inputs), q, text_span, frame_span, gather, last_only)
 
@@ -108,8 +109,8 @@ def full_shape(pool: CachePool, batch: int, tokens: int,
     """The shape of a captured step: ``batch`` rows (gathered unless the whole pool) of
     ``tokens`` tokens over the full text capacity and ``frame_span`` vision slots (default
     all of them)."""
-    return StepShape(batch, tokens, pool.text_slots, frame_span or pool.max_frames,
-                     batch != pool.rows)
+    return StepShape(batch, tokens, pool.text_slots,
+                     pool.max_frames if frame_span is None else frame_span, batch != pool.rows)
 
 
 def build_metadata(shape: StepShape, pool: CachePool,

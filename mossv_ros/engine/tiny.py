@@ -1,6 +1,6 @@
 """Tiny checkpoints of the MOSS architecture, written to disk like a real one.
 
-The configuration is moss-model.md section 9: 112 px frames (7 pad tokens, as at 11B), 4x4
+The configuration is docs/model.md section 9: 112 px frames (7 pad tokens, as at 11B), 4x4
 pooling to 5 tokens per frame, GQA group 2, llama3 RoPE scaling, cross layers [1, 3], and the
 special-token ids laid out like the real vocabulary (``<|video|>`` = vocab - 1,
 ``<|image|>`` = vocab, embeddable but not generable).
@@ -17,7 +17,7 @@ from .checkpoint import _legacy_key
 
 def special_token_layout(base: int) -> Dict[str, int]:
     """Special-token ids after ``base`` regular tokens, laid out like the real vocabulary
-    (moss-model.md sections 5.1 and 9): bos, end_of_text, pad, headers, eot, silence,
+    (docs/model.md sections 5.1 and 9): bos, end_of_text, pad, headers, eot, silence,
     ``<|...|>``, reserved slots, then ``<|video|>`` = vocab - 1 and ``<|image|>`` = vocab,
     where vocab (lm_head rows) = ``base + 16``."""
     return {
@@ -35,7 +35,7 @@ def special_token_layout(base: int) -> Dict[str, int]:
     }
 
 
-#: Special-token ids of the tiny vocabulary (moss-model.md section 9); 0-255 are bytes.
+#: Special-token ids of the tiny vocabulary (docs/model.md section 9); 0-255 are bytes.
 TINY_SPECIAL_TOKENS: Dict[str, int] = special_token_layout(256)
 TINY_VOCAB_SIZE = 272  # lm_head rows; embeddings have vocab + 8 rows
 
@@ -48,7 +48,7 @@ def tiny_config_dict(image_size: int = 112, vision_hidden: int = 32, text_hidden
                      special_tokens: Dict[str, int] = TINY_SPECIAL_TOKENS) -> dict:
     """config.json contents in the published MOSS layout (model_type 'video_mllama').
 
-    :param rope_theta: RoPE base (moss-model.md section 9 uses the 11B's 500000).
+    :param rope_theta: RoPE base (docs/model.md section 9 uses the 11B's 500000).
     :param special_tokens: ids by name (:func:`special_token_layout`); the vocabulary size is
         the ``<|image|>`` id.
     """
@@ -88,7 +88,7 @@ def tiny_config_dict(image_size: int = 112, vision_hidden: int = 32, text_hidden
     }
 
 
-#: Special-token ids of the real 11B vocabulary (moss-model.md sections 3 and 5.1).
+#: Special-token ids of the real 11B vocabulary (docs/model.md sections 3 and 5.1).
 MOSS_SPECIAL_TOKENS: Dict[str, int] = {
     grammar.BOS: 128000, '<|end_of_text|>': 128001, '<|finetune_right_pad_id|>': 128004,
     grammar.START_HEADER: 128006, grammar.END_HEADER: 128007, grammar.EOT: 128009,
@@ -98,7 +98,7 @@ MOSS_SPECIAL_TOKENS: Dict[str, int] = {
 
 
 def moss_11b_config_dict() -> dict:
-    """config.json of the 11B model in the MOSS layout (moss-model.md section 3), for random
+    """config.json of the 11B model in the MOSS layout (docs/model.md section 3), for random
     weights of the real shapes (benchmarks: speed does not depend on weight values)."""
     cfg = tiny_config_dict(image_size=560, vision_hidden=1280, text_hidden=4096,
                            text_layers=40, cross_layers=(3, 8, 13, 18, 23, 28, 33, 38),
@@ -169,7 +169,7 @@ def build_tiny_model(config_dict: dict, seed: int = 0, gate_value: float = 0.5,
     """A randomly initialized stock ``MllamaForConditionalGeneration`` (float32).
 
     Stock init sets every gate to zero, which hides cross-attention bugs; all gates are set to
-    ``gate_value`` (moss-model.md section 9, test hygiene).
+    ``gate_value`` (docs/model.md section 9, test hygiene).
 
     :param config_dict: a config.json mapping (:func:`tiny_config_dict`); left unchanged
         (transformers 5 writes ``rope_theta`` into the ``rope_scaling`` it is given, so it

@@ -16,6 +16,7 @@ PARAM_TO_FIELD = {
     'engine.dtype': 'dtype',
     'engine.device': 'device',
     'engine.attn_implementation': 'attn_implementation',
+    'engine.cuda_graphs': 'cuda_graphs',
     'engine.cpu_threads': 'cpu_threads',
     'frames.rate_hz': 'frame_rate_hz',
     'frames.max_queue': 'max_frame_queue',

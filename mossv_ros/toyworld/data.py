@@ -1,6 +1,6 @@
 """Toyworld tokenizer and training transcripts in the MOSS real-time stream grammar.
 
-Stream layout (moss-model.md section 5.4): session prefix (BOS, real-time system prompt, empty
+Stream layout (docs/model.md section 5.4): session prefix (BOS, real-time system prompt, empty
 user turn, assistant header), then ``<|silence|> <|image|>`` per quiet second; a question is a
 user turn (``<|eot_id|>`` + header + text + ``<|eot_id|>`` + assistant header) after which the
 reply starts with ``<|silence|>`` and the answer follows the next ``<|image|>``; an answer that
@@ -101,7 +101,7 @@ def transcript(episode: Episode, tok, specials: Dict[str, int], silence_weight: 
                seed: int = 0, revision_weight: float = 1.0) -> Transcript:
     """Token sequence, loss weights and frame positions of ``episode``.
 
-    :param silence_weight: loss weight of ``<|silence|>`` targets (moss-model.md section 4.8,
+    :param silence_weight: loss weight of ``<|silence|>`` targets (docs/model.md section 4.8,
         ``ForCausalLMLossWithSilence``); words weigh 1.
     :param revision_weight: loss weight of the first word token of a revision (the decision
         to speak up at the frame that shows a change); 1 = a word like any other.

@@ -5,13 +5,13 @@ moss_video` (``vision_features``, ``pool``, ``self_layer``, ``cross_layer``,
 ``normed_cross_keys``) and its mask (:func:`~mossv_ros.engine.kv_cache.cumulative_visibility`):
 one tile per frame, CLS + 4x4 average pooling, cross-attention with the query rotated at its
 text position and keys rotated at the frame's ``<|image|>`` position then k-normed, cumulative
-visibility, rows with no visible frame skipping the cross layers (moss-model.md sections
+visibility, rows with no visible frame skipping the cross layers (docs/model.md sections
 4.2-4.5). Only the attention is the trainer's own: batched over episodes, with gradients into
 the frames' keys. The constant session prefix is run once per step without gradients and
 shared by the batch (its keys and values still follow the current weights).
 
 Loss: next-token cross-entropy on assistant tokens, ``<|silence|>`` targets weighted by
-``silence_weight`` (``ForCausalLMLossWithSilence``, moss-model.md section 4.8), plus, with
+``silence_weight`` (``ForCausalLMLossWithSilence``, docs/model.md section 4.8), plus, with
 ``aux_weight`` > 0, an auxiliary loss on the vision side: a linear probe reads each pooled
 quadrant token of the cross-attention states and predicts which shape kind and colour that
 quadrant holds (:class:`AttributeProbe`). Real VLMs start from a pretrained vision encoder; this
@@ -91,7 +91,7 @@ class TrainConfig:
 
 
 def model_config(cfg: TrainConfig, specials) -> dict:
-    """config.json of the toyworld model: the tiny MOSS architecture (moss-model.md section 9)
+    """config.json of the toyworld model: the tiny MOSS architecture (docs/model.md section 9)
     with the toyworld vocabulary."""
     return tiny_config_dict(image_size=FRAME_PX, vision_hidden=cfg.vision_hidden,
                             text_hidden=cfg.text_hidden, intermediate=cfg.text_intermediate,
@@ -102,7 +102,7 @@ class AttributeProbe(torch.nn.Module):
     """Linear read-out of the pooled quadrant tokens: logits of the shape kind (none + KINDS)
     and colour (none + COLOURS) in each quadrant.
 
-    The 2x2 pooled tokens of a 112 px frame (8x8 patches, stride-4 pooling, moss-model.md
+    The 2x2 pooled tokens of a 112 px frame (8x8 patches, stride-4 pooling, docs/model.md
     section 9) are the four quadrants, row-major, which is the order of
     :data:`~mossv_ros.toyworld.world.CELLS` (one shape at most per cell).
     """

@@ -2,10 +2,10 @@
 
 A few coloured shapes (at most one of each kind) on a plain background appear, disappear, move
 and change colour, at 1 frame per second, 112x112 px RGB frames (the tiny configuration of
-moss-model.md section 9). Everything is seeded and deterministic.
+docs/model.md section 9). Everything is seeded and deterministic.
 
 Questions are asked between frames. The ground truth follows the MOSS real-time grammar
-(moss-model.md section 5.4): after a question the reply starts with ``<|silence|>`` and the
+(docs/model.md section 5.4): after a question the reply starts with ``<|silence|>`` and the
 answer is spoken at the next frame; later, when the answer changes, the model speaks an update
 ("Now ...", a revision) at the frame that shows the change; every other frame gets
 ``<|silence|>``.
@@ -246,7 +246,7 @@ def speech_frames(episode: Episode):
     """Yield (frame, (question, text, is_revision)) for every frame where the assistant speaks.
 
     The answer to a question asked after frame a is spoken at frame a + 1 (the reply waits for
-    the next frame, moss-model.md section 5.4); an interrupting question is answered at once,
+    the next frame, docs/model.md section 5.4); an interrupting question is answered at once,
     at frame a. Later frames where the answer's value changes get a revision.
     """
     by_frame = {q.after_frame: q for q in episode.questions}
