@@ -106,6 +106,43 @@ def test_convertible_encodings_convert(encoding):
     assert rgb.shape == (8, 12, 3) and rgb.dtype == np.uint8
 
 
+@pytest.mark.parametrize('encoding', ['rgb8', 'bgr8', 'rgba8', 'mono8', 'mono16', 'rgb16',
+                                      'bayer_rggb8', 'bayer_grbg16', 'yuv422'])
+@pytest.mark.parametrize('pad', [1, 2, 5, 64])
+def test_padded_rows_read_as_packed_ones(encoding, pad):
+    """Aligned rows (step > width x bytes per pixel, as camera drivers publish them) give the
+    image the packed rows give: each row is read from its own step offset (cv_bridge's rule).
+    Before this, rows after the first were shifted by the padding (issue 26 item 1)."""
+    bpp = BYTES_PER_PIXEL.get(encoding, 2 if encoding.endswith('16') else 1)
+    height, width = 6, 10
+    rng = np.random.default_rng(pad)
+    packed = rng.integers(0, 256, (height, width * bpp), dtype=np.uint8)
+    padded = np.concatenate([packed, np.full((height, pad), 0xAB, np.uint8)], axis=1)
+    want = convert.image_to_rgb(sensor_msgs.Image(
+        height=height, width=width, encoding=encoding, step=width * bpp,
+        data=packed.tobytes()))
+    got = convert.image_to_rgb(sensor_msgs.Image(
+        height=height, width=width, encoding=encoding, step=width * bpp + pad,
+        data=padded.tobytes()))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_2x3_rgb8_image_with_a_2_byte_pad():
+    """The example of issue 26: row 2 must read [10 13 16], not [99 11 14]."""
+    rows = [[1, 4, 7, 2, 5, 8, 3, 6, 9, 99, 99], [10, 13, 16, 11, 14, 17, 12, 15, 18, 99, 99]]
+    msg = sensor_msgs.Image(height=2, width=3, encoding='rgb8', step=11,
+                            data=bytes(sum(rows, [])))
+    rgb = convert.image_to_rgb(msg)
+    assert rgb[1, 0].tolist() == [10, 13, 16] and rgb[0, 2].tolist() == [3, 6, 9]
+
+
+def test_a_step_shorter_than_a_row_is_refused():
+    msg = sensor_msgs.Image(height=2, width=4, encoding='rgb8', step=10, data=bytes(20))
+    with pytest.raises(convert.ImageError, match='shorter than a row') as info:
+        convert.image_to_rgb(msg)
+    assert info.value.kind == 'size'
+
+
 @pytest.mark.parametrize('encoding', ['32FC1', '16UC1', 'nv12', 'jpeg'])
 def test_unconvertible_encodings_are_rejected_with_a_reason(encoding):
     msg = sensor_msgs.Image(height=4, width=4, encoding=encoding, step=16)

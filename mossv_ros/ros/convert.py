@@ -1,5 +1,6 @@
 """Conversions at the ROS boundary: images in, engine events out. Translates; never decides."""
 import math
+import sys
 
 import numpy as np
 
@@ -27,7 +28,11 @@ class ImageError(ValueError):
 def image_to_rgb(msg) -> np.ndarray:
     """``sensor_msgs/Image`` -> uint8 (H, W, 3) RGB.
 
-    :raises ImageError: unsupported encoding, size/step/data mismatch, empty or huge image.
+    Rows may be padded (``step`` > width x channels x bytes per channel, as aligned camera
+    drivers publish them): each row is read from its own ``step`` offset, as cv_bridge does.
+
+    :raises ImageError: unsupported encoding, a step shorter than a row, size/step/data
+        mismatch, empty or huge image.
     """
     if msg.width == 0 or msg.height == 0:
         raise ImageError('empty', 'image has zero width or height')
@@ -41,9 +46,23 @@ def image_to_rgb(msg) -> np.ndarray:
                                      f'{", ".join(SUPPORTED_ENCODINGS)})')
     if msg.step * msg.height != len(msg.data):
         raise ImageError('size', f'step*height={msg.step * msg.height} != {len(msg.data)} bytes')
-    from rosbags.image import message_to_cvimage
+    from rosbags.image.image import convert_color, to_cvtype
     try:
-        image = message_to_cvimage(msg, 'rgb8')
+        _, _, typestr, channels = to_cvtype(msg.encoding)
+    except Exception as exc:  # noqa: BLE001 - library errors become a counted rejection
+        raise ImageError('convert', f'cannot convert {msg.encoding}: {exc}') from exc
+    dtype = np.dtype(typestr)
+    row_bytes = msg.width * channels * dtype.itemsize
+    if msg.step < row_bytes:
+        raise ImageError('size', f'step {msg.step} is shorter than a row of {msg.width} x '
+                                 f'{channels} x {dtype.itemsize} = {row_bytes} bytes')
+    rows = np.frombuffer(msg.data, np.uint8).reshape(msg.height, msg.step)[:, :row_bytes]
+    shape = (msg.height, msg.width) + ((channels,) if channels > 1 else ())
+    image = np.ascontiguousarray(rows).view(dtype).reshape(shape)
+    if bool(msg.is_bigendian) != (sys.byteorder != 'little') and dtype.itemsize > 1:
+        image = image.byteswap()
+    try:
+        image = convert_color(image, msg.encoding, 'rgb8')
     except Exception as exc:  # noqa: BLE001 - library errors become a counted rejection
         raise ImageError('convert', f'cannot convert {msg.encoding}: {exc}') from exc
     return _as_rgb(image)
