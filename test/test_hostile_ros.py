@@ -280,3 +280,37 @@ def test_compressed_frames_are_found_or_the_reason_is_said(tiny_checkpoint, ros_
     assert frames == 0 and 'no image in 5 s' in warning, results
     assert '/ctest/image is published as sensor_msgs/msg/CompressedImage' in warning, results
     assert results['compressed'][0] >= 5 and results['compressed'][1] == '', results
+
+
+def test_huge_request_ids_cost_a_bounded_answer_and_no_memory(probe, node_proc):
+    """Issue 26 item 3: ten Questions with a 10 MB request_id are each rejected with a final
+    Answer that quotes a bounded part of them (the id cut to its first 256 characters, the
+    reason saying so), and the node's memory comes back to within 10 % of its level before
+    the burst (before the fix, the Answers' history and the log kept every 10 MB id)."""
+    import time
+
+    import psutil
+
+    from mossv_ros.msg import Question
+    node, got = probe
+    proc = psutil.Process(node_proc.pid)
+    pub = node.create_publisher(Question, f'{NODE}/question', rclpy.qos.QoSProfile(
+        depth=20, reliability=rclpy.qos.ReliabilityPolicy.RELIABLE))
+    assert spin_until(node, pub.get_subscription_count, 30)
+    spin_until(node, lambda: False, 1.0)
+    before = proc.memory_info().rss
+    huge = [f'{i}-' + 'x' * 10_000_000 for i in range(10)]
+    for i, request_id in enumerate(huge):
+        pub.publish(Question(request_id=request_id, text=f'huge id {i}?'))
+        spin_until(node, lambda: False, 0.2)
+    prefixes = {r[:256] for r in huge}
+    assert spin_until(node, lambda: sum(a.request_id in prefixes for a in got['answer']) == 10,
+                      60)
+    rejected = [a for a in got['answer'] if a.request_id in prefixes]
+    assert all(a.is_final and 'cut to its first 256 of 10000002 characters' in a.end_reason
+               and len(a.end_reason) < 400 for a in rejected)
+    spin_until(node, lambda: False, 3.0)
+    time.sleep(1.0)
+    after = proc.memory_info().rss
+    REPORT['huge_request_id_rss_mib'] = [round(before / 2**20), round(after / 2**20)]
+    assert after <= before * 1.10, (before / 2**20, after / 2**20)

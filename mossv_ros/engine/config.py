@@ -103,7 +103,8 @@ class EngineConfig:
     :ivar max_context_tokens: text KV-cache budget in tokens; when full, the middle of the
         dialogue is evicted (system prompt and a recent window kept).
     :ivar max_prompt_chars: longest accepted question, characters.
-    :ivar max_pending_questions: bounded question queue; the oldest pending one is cancelled.
+    :ivar max_pending_questions: bounded question queue per camera; the camera's oldest
+        pending question is cancelled (its final Answer names the one that superseded it).
     :ivar max_frame_queue: frames waiting to be encoded; the oldest is dropped and counted.
     :ivar round_close_after_frames: a round (question) ends after this many silent frames
         following its last utterance; later utterances until then are revisions.

@@ -46,7 +46,7 @@ from .events import (
     SessionResetEvent,
 )
 from .inbox import Control, Inbox, Item
-from .policy import validate_prompt, validate_request_id
+from .policy import echo, validate_prompt, validate_request_id
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class _Camera:
         self.session = session
         self.dialogue = dialogue
         self.num_session_resets = 0
+        self.epoch = 0  # the inbox epoch of the session (inbox.py: sessions are epochs)
 
 
 class StreamingEngine:
@@ -201,11 +202,11 @@ class StreamingEngine:
                 return out
 
     # ------------------------------------------------------------------ inputs
-    def admit(self, stamp_sec: float, topic: str = '', camera: str = '') -> bool:
-        """Should a frame of ``camera``'s ``topic`` stamped ``stamp_sec`` (seconds) be fed?
-        Commits on True (see :meth:`.inbox.Inbox.admit`). Callers that must convert an image
-        first (the ROS image callback) ask here before converting, then call
-        :meth:`submit_frame` with ``admitted=True``.
+    def admit(self, stamp_sec: float, topic: str = '', camera: str = '') -> str:
+        """What to do with a frame of ``camera``'s ``topic`` stamped ``stamp_sec`` (seconds):
+        ``'feed'``, ``'hold'`` or ``'skip'`` (:meth:`.inbox.Inbox.admit`). Callers that must
+        convert an image first (the ROS image callback) ask here before converting, skip on
+        ``'skip'``, and otherwise call :meth:`submit_frame` with ``admitted`` = the verdict.
 
         :raises ValueError: an unknown camera (a configuration error, not input)."""
         return self.inbox.admit(stamp_sec, topic, self._camera_or_raise(camera))
@@ -213,7 +214,7 @@ class StreamingEngine:
     def _camera_or_raise(self, camera: str) -> str:
         name = self.camera_of(camera)
         if name is None:
-            raise ValueError(f'unknown camera {camera!r} (known: {self._known()})')
+            raise ValueError(f'unknown camera {echo(camera)!r} (known: {self._known()})')
         return name
 
     def topic_stamps(self) -> dict:
@@ -227,21 +228,23 @@ class StreamingEngine:
                                          else self._camera_or_raise(camera))
 
     def submit_frame(self, frame: Frame, stamp_sec: Optional[float] = None,
-                     admitted: bool = False, camera: str = '') -> bool:
+                     admitted=None, camera: str = '', topic: str = '') -> bool:
         """Queue a frame (RGB uint8 (H, W, 3)) of ``camera`` ('' = the default) unless
         rate-limited.
 
         :param stamp_sec: the frame's stamp in seconds, for subsampling to ``frames.rate_hz``;
             None uses ``frame.arrival_ts``.
-        :param admitted: :meth:`admit` already accepted this frame.
-        :returns: True if queued. The camera's oldest queued frame is dropped (and counted) on
-            overflow. :raises ValueError: an unknown camera.
+        :param admitted: the verdict :meth:`admit` gave for this frame ('feed', 'hold'); None:
+            decide here.
+        :param topic: the camera topic it came on (per-topic stamp checks).
+        :returns: True if queued now. The camera's oldest queued frame is dropped (and
+            counted) on overflow. :raises ValueError: an unknown camera.
         """
         frame.camera = self._camera_or_raise(camera)
         if not frame.arrival_ts:
             frame.arrival_ts = time.monotonic()
         t = frame.arrival_ts if stamp_sec is None else stamp_sec
-        return self.inbox.put_frame(frame, t, admitted)
+        return self.inbox.put_frame(frame, t, admitted, topic)
 
     def submit_frames(self, frames) -> list:
         """Queue frames that arrived together (cameras with synchronized shutters): the
@@ -267,7 +270,7 @@ class StreamingEngine:
             return False, 0, reason
         name = self.camera_of(camera) if isinstance(camera, str) else None
         if name is None:
-            return False, 0, f'unknown camera {camera!r} (known: {self._known()})'
+            return False, 0, f'unknown camera {echo(camera)!r} (known: {self._known()})'
         state = self._state
         if state is not EngineState.READY:
             detail = f': {self._last_error}' if state is EngineState.ERROR else ''
@@ -281,7 +284,10 @@ class StreamingEngine:
             cleaned, request_id, next(self._round_ids), time.monotonic(), token_ids=ids,
             camera=name))
         if old is not None:
-            self._emit(cancelled_round(old, 'superseded by a newer question (queue full)'))
+            self._emit(cancelled_round(old, (
+                f'superseded by round {question.round_id} (request_id '
+                f'{echo(question.request_id, 64)!r}): camera {name!r} had '
+                f'prompt.max_pending={self.config.max_pending_questions} questions waiting')))
         return True, question.round_id, f'accepted as round {question.round_id}'
 
     def max_question_tokens(self) -> int:
@@ -503,8 +509,9 @@ class StreamingEngine:
             self._ask(self._cams[item.question.camera], item.question)
         elif item.frame is not None:
             cam = self._cams[item.frame[0].camera]
-            if item.frame[0].reset_reason:
-                self._reset(cam, item.frame[0].reset_reason)
+            if item.frame[0].epoch > cam.epoch:  # the first frame of a new session
+                epoch, reason = self.inbox.epoch_of(cam.name)
+                self._reset(cam, reason, epoch=item.frame[0].epoch)
             self._decode(cam, item.frame)
         else:
             speaking = [cam for cam in cams if cam.dialogue.mode is Mode.SPEAKING]
@@ -610,11 +617,15 @@ class StreamingEngine:
             return
         self._emit_all(dialogue.on_token(self._sample(cam, logits)))
 
-    def _reset(self, cam: _Camera, reason: str) -> None:
+    def _reset(self, cam: _Camera, reason: str, epoch: Optional[int] = None) -> None:
+        """A fresh session for ``cam``: its round ends, its waiting questions are cancelled,
+        the caches and dialogue start over. ``epoch``: the inbox already started that session
+        (a jump back in stamps, a camera gap); else the inbox starts one now (frames of the
+        old session still waiting are dropped), so admission starts over too."""
         cam.num_session_resets += 1
+        cam.epoch = self.inbox.reset_camera(cam.name, reason) if epoch is None else epoch
         self._emit_all(cam.dialogue.reset())
         self._cancel_waiting(END_RESET, cam.name)
-        self.inbox.reset_rate_limit(cam.name)
         self._emit(SessionResetEvent(reason=reason, camera=cam.name))
         self._prefill(cam)
 

@@ -35,14 +35,15 @@ class Frame:
     :ivar stamp: the input header stamp, copied to every output it conditions.
     :ivar frame_id: the camera's TF frame.
     :ivar arrival_ts: ``time.monotonic()`` when the frame was received, seconds.
-    :ivar reset_reason: set by the engine: start a new session before this frame (camera gap).
+    :ivar epoch: set by the engine's inbox: the camera session the frame belongs to (a
+        higher one than the session's starts a new session before it).
     """
 
     image: Any
     stamp: Any = None
     frame_id: str = ''
     arrival_ts: float = 0.0
-    reset_reason: str = ''
+    epoch: int = 0
     camera: str = ''  # set by the engine: the camera (session) it belongs to
 
 

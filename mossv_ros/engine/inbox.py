@@ -3,10 +3,17 @@
 Pure Python (no torch). Any thread may put input in (camera callbacks, service handlers); the
 encoder thread takes raw frames out and puts encoded ones back; the engine thread takes the
 next item to act on. Frame admission lives here, with its state, per camera (one session
-each): per-topic stamp checks (:class:`~.policy.StampPolicy`: a real jump back in time queues a
-reset of that camera's session), then, on the one stamp of the camera's last frame fed,
-subsampling to ``frames.rate_hz`` (:func:`~.policy.frame_due`) and the camera-gap policy
-(``frames.reset_after_gap_sec``).
+each): per-topic stamp checks (:class:`~.policy.StampPolicy`), then, on the one stamp of the
+camera's last frame fed, subsampling to ``frames.rate_hz`` (:func:`~.policy.frame_due`) and the
+camera-gap policy (``frames.reset_after_gap_sec``).
+
+**Sessions are epochs.** Every frame carries its camera's session epoch. A new session is
+decided in one place, :meth:`Inbox._new_epoch`: when a camera's stamps jump back (a looped
+bag), after a camera gap, or when the engine resets the session (a service call). It restarts
+the camera's admission exactly as a fresh start has it (no frame fed yet, frame indices from
+0, nothing of the old timeline queued), and the engine resets the session itself when it
+takes the first frame of a newer epoch. So the same input after a reset gives the same output
+as after a start: a looped bag replays identically.
 """
 from collections import deque
 from dataclasses import dataclass, field
@@ -51,16 +58,27 @@ class InboxCounts:
     longest_frame_gap_sec: float = 0.0
 
 
+#: :meth:`Inbox.admit` verdicts: feed the frame; hold it (its stamp is off the timeline: the
+#: next frame tells whether it starts a new one); skip it (subsampled or unusable)
+FEED, HOLD, SKIP = 'feed', 'hold', 'skip'
+
+
 @dataclass
 class _CameraInput:
     """Admission state of one camera."""
 
     stamps: StampPolicy = field(default_factory=StampPolicy)
-    #: stamp of the last frame admitted, seconds: the rate limit and camera gaps use it
+    #: stamp of the last frame admitted, seconds: the rate limit and camera gaps use it (None:
+    #: no frame fed in this session yet, the next one is due)
     last_fed_stamp: Optional[float] = None
-    rate_free: bool = True  # the next frame is due whatever its stamp (new session, jump)
-    gap_reason: str = ''  # camera-gap reset reason of the frame admitted last
+    rate_free: bool = False  # the next frame is due whatever its stamp (a jump ahead)
+    #: the session: a new one starts with the first frame of a higher epoch
+    epoch: int = 0
+    epoch_reason: str = ''  # why the current epoch started
+    index_epoch: int = 0  # the epoch next_frame_index counts in
     next_frame_index: int = 0
+    #: topic -> (frame, stamp) held while its stamp's verdict is open (StampPolicy)
+    held: Dict[str, Tuple[Frame, float]] = field(default_factory=dict)
     counts: InboxCounts = field(default_factory=InboxCounts)
 
 
@@ -110,54 +128,104 @@ class Inbox:
             self.closed = False
 
     # ------------------------------------------------------------------ frames in
-    def admit(self, stamp_sec: float, topic: str, camera: str) -> bool:
-        """Should a frame of ``camera``'s ``topic`` stamped ``stamp_sec`` (seconds) be fed?
-        Commits on True. Per-topic jump and outlier checks, then subsampling to
-        ``frames.rate_hz``; a real jump back in time queues a reset of that camera's
-        session when ``reset_on_backwards_stamp``."""
+    def admit(self, stamp_sec: float, topic: str, camera: str) -> str:
+        """What to do with a frame of ``camera``'s ``topic`` stamped ``stamp_sec`` (seconds):
+        :data:`FEED` (committed: hand the frame to :meth:`put_frame` with this verdict),
+        :data:`HOLD` (its stamp is off the timeline; hand it over too: it is kept until the
+        next frame tells whether it starts a new timeline) or :data:`SKIP`. Per-topic jump
+        and outlier checks, then subsampling to ``frames.rate_hz``; a real jump back in time
+        starts a new session when ``reset_on_backwards_stamp``."""
         with self.cv:
             return self._admit_locked(stamp_sec, topic, camera)
 
-    def _admit_locked(self, stamp_sec: float, topic: str, camera: str) -> bool:
+    def _admit_locked(self, stamp_sec: float, topic: str, camera: str) -> str:
         if not math.isfinite(stamp_sec):
-            return False
+            return SKIP
         cam = self._cams[camera]
         stamps, outliers = cam.stamps, cam.stamps.num_outliers
         verdict = stamps.check(topic, stamp_sec)
+        held = cam.held.pop(topic, None)
         if stamps.num_outliers != outliers:
             cam.counts.num_stamp_outliers = stamps.num_outliers
             log.warning('dropped one frame of %r whose stamp was off its timeline (an outlier;'
                         ' %d so far)', topic, stamps.num_outliers)
         if verdict == STAMP_HELD:
-            return False
+            return HOLD
         if verdict in (STAMP_JUMPED_BACK, STAMP_JUMPED_AHEAD):
-            cam.rate_free = True
             if verdict == STAMP_JUMPED_BACK and self.config.reset_on_backwards_stamp:
                 log.warning('stamps of %r jumped back in time: resetting the session', topic)
-                self._controls.append((Control.RESET, camera, 'stamp jumped backwards'))
-                self.cv.notify_all()
+                self._new_epoch(cam, 'stamp jumped backwards', drop_queued=True)
+            else:
+                cam.rate_free = True
+            if held is not None:  # the held frame was the first of the new timeline
+                frame, held_stamp = held
+                self._admit_due(cam, held_stamp)
+                self._queue(cam, frame)
+        return FEED if self._admit_due(cam, stamp_sec) else SKIP
+
+    def _admit_due(self, cam: _CameraInput, stamp_sec: float) -> bool:
+        """Subsampling to ``frames.rate_hz`` and the camera-gap policy; commits on True."""
         if not (cam.rate_free
                 or frame_due(cam.last_fed_stamp, stamp_sec, 1.0 / self.config.frame_rate_hz)):
             return False
-        cam.gap_reason = self._note_gap(cam, stamp_sec)
-        cam.rate_free = False
+        last, cam.last_fed_stamp, cam.rate_free = cam.last_fed_stamp, stamp_sec, False
+        if last is not None and stamp_sec > last:
+            gap = stamp_sec - last
+            c = cam.counts
+            c.longest_frame_gap_sec = max(c.longest_frame_gap_sec, gap)
+            limit = self.config.reset_after_gap_sec
+            if limit and gap > limit:
+                log.info('no frame for %.1f s (> frames.reset_after_gap_sec %.1f): new '
+                         'session', gap, limit)
+                # the frames queued ahead of this one still go to the old session
+                self._new_epoch(cam, f'camera gap of {gap:.1f} s', drop_queued=False)
+                cam.last_fed_stamp = stamp_sec
         return True
 
-    def put_frame(self, frame: Frame, stamp_sec: float, admitted: bool) -> bool:
-        """Queue ``frame`` (its ``camera`` set) for the encoder unless :meth:`admit` refuses
-        it (``admitted``: already accepted). The camera's oldest queued frame is dropped (and
-        counted) past ``max_frame_queue``. :returns: True if queued."""
+    def _new_epoch(self, cam: _CameraInput, reason: str, drop_queued: bool) -> int:
+        """The one place a camera's new session is decided: its admission starts over as at a
+        fresh start (no frame fed yet; frame indices from 0 once its frames are taken) and,
+        with ``drop_queued``, its frames still waiting (queued or being encoded) are dropped
+        and counted: they belong to the old session. :returns: the new epoch."""
+        cam.epoch += 1
+        cam.epoch_reason = reason
+        cam.last_fed_stamp, cam.rate_free = None, False
+        if drop_queued:
+            for queue, frame_of in ((self._frames, lambda f: f),
+                                    (self._ready, lambda item: item[0])):
+                stale = [x for x in queue if frame_of(x).camera is not None
+                         and self._cams.get(frame_of(x).camera) is cam]
+                for x in stale:
+                    queue.remove(x)
+                cam.counts.num_dropped_frames += len(stale)
+        return cam.epoch
+
+    def put_frame(self, frame: Frame, stamp_sec: float, admitted=None, topic: str = '') -> bool:
+        """Queue ``frame`` (its ``camera`` set) for the encoder.
+
+        :param admitted: the verdict :meth:`admit` gave for it (:data:`FEED` or True,
+            :data:`HOLD`); None: decide here (callers that have the frame already).
+        :returns: True if queued now. The camera's oldest queued frame is dropped (and
+            counted) past ``max_frame_queue``."""
         with self.cv:
             cam = self._cams[frame.camera]
-            if not admitted and not self._admit_locked(stamp_sec, '', frame.camera):
+            verdict = FEED if admitted is True else (
+                admitted or self._admit_locked(stamp_sec, topic, frame.camera))
+            if verdict == HOLD:
+                cam.held[topic] = (frame, stamp_sec)
                 return False
-            frame.reset_reason, cam.gap_reason = cam.gap_reason, ''
-            if self._drop_oldest(self._frames, frame.camera, lambda f: f):
-                cam.counts.num_dropped_frames += 1
-            self._frames.append(frame)
-            cam.counts.num_frames_received += 1
-            self.cv.notify_all()
+            if verdict != FEED:
+                return False
+            self._queue(cam, frame)
         return True
+
+    def _queue(self, cam: _CameraInput, frame: Frame) -> None:
+        frame.epoch = cam.epoch
+        if self._drop_oldest(self._frames, frame.camera, lambda f: f):
+            cam.counts.num_dropped_frames += 1
+        self._frames.append(frame)
+        cam.counts.num_frames_received += 1
+        self.cv.notify_all()
 
     def _drop_oldest(self, queue: deque, camera: str, frame_of) -> bool:
         """Past ``max_frame_queue`` frames of ``camera`` in ``queue``: drop its oldest."""
@@ -166,23 +234,6 @@ class Inbox:
             return False
         queue.remove(mine[0])
         return True
-
-    def _note_gap(self, cam: _CameraInput, t: float) -> str:
-        """Track the gap between a camera's fed frames (stamp seconds). :returns: a reset
-        reason when it exceeds ``reset_after_gap_sec`` (the session restarts right before
-        this frame, after the frames queued ahead of it), else ''."""
-        last, cam.last_fed_stamp = cam.last_fed_stamp, t
-        if last is None or t <= last:
-            return ''
-        gap = t - last
-        c = cam.counts
-        c.longest_frame_gap_sec = max(c.longest_frame_gap_sec, gap)
-        limit = self.config.reset_after_gap_sec
-        if limit and gap > limit:
-            log.info('no frame for %.1f s (> frames.reset_after_gap_sec %.1f): new session',
-                     gap, limit)
-            return f'camera gap of {gap:.1f} s'
-        return ''
 
     def topic_stamps(self) -> dict:
         """{topic: its newest stamp, seconds} of every camera topic seen."""
@@ -200,10 +251,17 @@ class Inbox:
             stamps = [s for s in (c.stamps.last_stamp_sec() for c in cams) if s is not None]
             return max(stamps) if stamps else None
 
-    def reset_rate_limit(self, camera: str) -> None:
-        """The camera's session restarted: its next frame is fed whatever its stamp."""
+    def reset_camera(self, camera: str, reason: str) -> int:
+        """The engine restarts ``camera``'s session (a reset service call, the position
+        limit): a new epoch, frames waiting from before dropped. :returns: the new epoch."""
         with self.cv:
-            self._cams[camera].rate_free = True
+            return self._new_epoch(self._cams[camera], reason, drop_queued=True)
+
+    def epoch_of(self, camera: str) -> Tuple[int, str]:
+        """(the camera's current epoch, why it started)."""
+        with self.cv:
+            cam = self._cams[camera]
+            return cam.epoch, cam.epoch_reason
 
     # ------------------------------------------------------------------ encoder side
     def take_frames_to_encode(self, may_encode, max_frames: int) -> Optional[List[Tuple]]:
@@ -220,6 +278,8 @@ class Inbox:
             while self._frames and len(out) < max_frames:
                 frame = self._frames.popleft()
                 cam = self._cams[frame.camera]
+                if frame.epoch != cam.index_epoch:  # a new session counts frames from 0
+                    cam.index_epoch, cam.next_frame_index = frame.epoch, 0
                 out.append((frame, cam.next_frame_index))
                 cam.next_frame_index += 1
             self._encoding = len(out)
@@ -229,8 +289,9 @@ class Inbox:
         """The encoder's result for the engine (None: the frame could not be encoded)."""
         with self.cv:
             self._encoding = max(0, self._encoding - 1)
-            counts = self._cams[frame.camera].counts
-            if encoded is None:
+            cam = self._cams[frame.camera]
+            counts = cam.counts
+            if encoded is None or frame.epoch < cam.epoch:  # unencodable, or of an old session
                 counts.num_dropped_frames += 1
             else:
                 if self._drop_oldest(self._ready, frame.camera, lambda item: item[0]):
@@ -242,14 +303,16 @@ class Inbox:
     # ------------------------------------------------------------------ questions, controls
     def put_question(self, question_of) -> Tuple[Question, Optional[Question]]:
         """Queue the question ``question_of()`` builds, under the lock (so round ids are
-        queued in order). :returns: (question, the oldest waiting one it superseded or None:
-        the queue holds ``max_pending_questions``)."""
+        queued in order). :returns: (question, the oldest waiting question of the same camera
+        it superseded, or None: each camera's queue holds ``max_pending_questions``)."""
         with self.cv:
             question = question_of()
             self.counts.num_rounds_started += 1
             old = None
-            if len(self._questions) >= self.config.max_pending_questions:
-                old = self._questions.popleft()
+            mine = [q for q in self._questions if q.camera == question.camera]
+            if len(mine) >= self.config.max_pending_questions:
+                old = mine[0]
+                self._questions.remove(old)
                 self.counts.num_questions_cancelled += 1
             self._questions.append(question)
             self.cv.notify_all()

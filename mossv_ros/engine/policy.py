@@ -41,6 +41,21 @@ def validate_prompt(text, max_chars: int) -> Tuple[bool, str, str]:
 
 #: Longest accepted ``request_id``, characters: it is echoed on every Token of the round.
 MAX_REQUEST_ID_CHARS = 256
+#: Most characters of a caller's text (a question, a camera name) quoted back in a log line or
+#: a message; longer text is cut there, and the cut is said.
+MAX_ECHO_CHARS = 200
+
+
+def echo(text, limit: int = MAX_ECHO_CHARS) -> str:
+    """``text`` as a log line or a reply may quote it: at most ``limit`` characters, and a
+    longer text cut with its length said (``'abc... (10485760 characters)'``), so bad input
+    never makes a log line or a message as large as itself. Anything not a string is shown by
+    its type name."""
+    if not isinstance(text, str):
+        return f'<{type(text).__name__}>'
+    if len(text) <= limit:
+        return text
+    return f'{text[:limit]}... ({len(text)} characters)'
 
 
 def validate_request_id(request_id) -> Tuple[bool, str]:

@@ -148,10 +148,18 @@ def answer_msg(event: ev.AnswerEvent):
 
 def rejected_answer_msg(request_id: str, question: str, reason: str, camera: str = ''):
     """The final Answer of a Question that was never accepted (``end_reason`` 'rejected:
-    <why>', round 0; ``camera`` as asked)."""
+    <why>', round 0). What it quotes of the input is bounded, whatever the input's size: the
+    ``request_id`` is cut to its first ``MAX_REQUEST_ID_CHARS`` characters (the sender can
+    still match it, and the reason says it was cut), the question and camera are quoted as
+    :func:`~mossv_ros.engine.policy.echo` does."""
     from mossv_ros.msg import Answer
-    return Answer(request_id=request_id, question=question, is_final=True,
-                  end_reason=f'rejected: {reason}', camera=camera)
+
+    from ..engine.policy import echo, MAX_REQUEST_ID_CHARS
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        reason += (f' (request_id echoed cut to its first {MAX_REQUEST_ID_CHARS} of '
+                   f'{len(request_id)} characters)')
+    return Answer(request_id=request_id[:MAX_REQUEST_ID_CHARS], question=echo(question),
+                  is_final=True, end_reason=f'rejected: {reason}', camera=echo(camera, 64))
 
 
 def cancelled_answer_msg(event: ev.RoundEvent):

@@ -27,6 +27,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from ..engine import events as ev
 from ..engine.config import EngineConfig
 from ..engine.engine import StreamingEngine
+from ..engine.policy import echo
 from . import convert
 from .action import AnswerQuestionServer
 from .diagnostics import diagnostic_array
@@ -440,7 +441,8 @@ class AssistantNode(LifecycleNode):
             stamp, stamp_sec = now.to_msg(), now.nanoseconds * 1e-9
             self._warn('zero_stamp', f'images on {topic} have zero stamps: the node clock '
                        'stamps them and their outputs')
-        if not self.engine.admit(stamp_sec, topic, camera):
+        verdict = self.engine.admit(stamp_sec, topic, camera)
+        if verdict == 'skip':
             return  # subsampled to frames.rate_hz (or an odd stamp) before any conversion
         try:
             rgb = to_rgb(msg)
@@ -451,7 +453,8 @@ class AssistantNode(LifecycleNode):
                        f'[{self._num_invalid} invalid so far]')
             return
         self.engine.submit_frame(ev.Frame(rgb, stamp, msg.header.frame_id),
-                                 stamp_sec=stamp_sec, admitted=True, camera=camera)
+                                 stamp_sec=stamp_sec, admitted=verdict, camera=camera,
+                                 topic=topic)
 
     def _on_incompatible_qos(self, event, topic: str) -> None:
         """A camera publisher this subscription can never match (rclpy QoS event)."""
@@ -511,7 +514,8 @@ class AssistantNode(LifecycleNode):
     def _on_question(self, msg) -> None:
         accepted, round_id, message = self._submit(msg.text, msg.request_id, msg.camera)
         if not accepted:
-            self.get_logger().warning(f'question {msg.request_id!r} rejected: {message}')
+            self.get_logger().warning(f'question {echo(msg.request_id, 64)!r} rejected: '
+                                      f'{message}')
             self._pubs['answer'].publish(convert.rejected_answer_msg(
                 msg.request_id, msg.text, message, msg.camera))
 
