@@ -26,7 +26,7 @@ def cmd_run(ns) -> int:
         overrides.append(f'model.path:={ns.model}')
     if ns.device:
         overrides.append(f'engine.device:={ns.device}')
-    from .ros.node import main
+    from .ros.main import main
     return main(args=[sys.argv[0]] + _ros_args(ns.params_file, overrides) + ns.ros_args)
 
 

@@ -433,7 +433,7 @@ def test_sim_time_without_clock_is_said_and_gap_is_nan(ros_context, tiny_checkpo
         ok = TransitionCallbackReturn.SUCCESS
         assert node.trigger_configure() == ok and node.trigger_activate() == ok
         for _ in range(3):
-            node._ingest(Image(height=8, width=8, encoding='rgb8', step=24,
+            node.ingest.on_image(Image(height=8, width=8, encoding='rgb8', step=24,
                                data=np.zeros((8, 8, 3), np.uint8).tobytes()),
                          to_rgb=convert.image_to_rgb, topic='image')
         assert spin_until(probe, lambda: any('use_sim_time' in s.warning for s in status), 10)

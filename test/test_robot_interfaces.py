@@ -191,7 +191,7 @@ def test_diagnostics_levels_follow_the_situation(ros_context, tiny_checkpoint):
         def match():
             st = level(part, 0)
             return st is not None and st.level == want and (received is None or {
-                kv.key: kv.value for kv in st.values}['num_images_received'] == received)
+                kv.key: kv.value for kv in st.values}['num_images'] == received)
         return spin_until(probe, match, timeout), level(part, 0)
     try:
         ok = TransitionCallbackReturn.SUCCESS
@@ -204,7 +204,7 @@ def test_diagnostics_levels_follow_the_situation(ros_context, tiny_checkpoint):
         got, st = wait_level('camera /image', DiagnosticStatus.OK, received='4')
         assert got, st
         values = {kv.key: kv.value for kv in st.values}
-        assert values['num_images_received'] == '4' and float(values['frame_gap_sec']) < 1.0
+        assert values['num_images'] == '4' and float(values['frame_gap_sec']) < 1.0
         got, st = wait_level('camera /image', DiagnosticStatus.WARN)
         assert got and 'no frame for' in st.message, st
         got, model = wait_level('model', DiagnosticStatus.OK)

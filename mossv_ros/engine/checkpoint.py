@@ -8,7 +8,6 @@ stock ``MllamaForConditionalGeneration``, with no ``trust_remote_code``
 from dataclasses import dataclass
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -179,7 +178,3 @@ def resolve_special_ids(tokenizer) -> SpecialTokenIds:
         bos=ids[grammar.BOS], start_header=ids[grammar.START_HEADER],
         end_header=ids[grammar.END_HEADER], eot=ids[grammar.EOT], silence=ids[grammar.SILENCE],
         ellipsis=ids[grammar.ELLIPSIS], video=ids[grammar.VIDEO], image=ids[grammar.IMAGE])
-
-
-def checkpoint_name(path: str) -> str:
-    return os.path.basename(os.path.normpath(path)) if path else 'none'

@@ -6,6 +6,7 @@ and the allowed range.
 """
 from dataclasses import dataclass, field, fields
 import math
+import os
 from typing import Any, Mapping, Tuple
 
 DTYPES = ('auto', 'bfloat16', 'float16', 'float32')
@@ -23,6 +24,12 @@ EVICTION_POLICIES = ('sink_window', 'fifo')
 LIVE_FIELDS = ('frame_rate_hz', 'max_prompt_chars', 'max_pending_questions',
                'round_close_after_frames', 'round_close_after_sec', 'reset_on_backwards_stamp',
                'sampling')
+
+
+def model_name(model_path: str) -> str:
+    """The name a model is reported by (Status.model_name, /diagnostics): its checkpoint
+    directory's name; 'none' without a path."""
+    return os.path.basename(os.path.normpath(model_path)) if model_path else 'none'
 
 
 def resolve_device_dtype(device: str, dtype: str, cuda_available: bool) -> Tuple[str, str, str]:

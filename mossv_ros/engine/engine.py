@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Callable, Iterator, List, Optional
 
-from .config import EngineConfig, LIVE_FIELDS
+from .config import EngineConfig, LIVE_FIELDS, model_name
 from .dialogue import cancelled_round, Dialogue, Mode
 from .events import (
     CameraStats,
@@ -462,7 +462,7 @@ class StreamingEngine:
                 self.runner = ModelRunner(self.config, self._load_progress)
             if self._sampler is None:
                 self._sampler = self._new_sampler()
-            self._model_name = self.config.model_path.rstrip('/').split('/')[-1]
+            self._model_name = model_name(self.config.model_path)
             if not self._cams:
                 self._make_cameras()
             for cam in self._cams.values():

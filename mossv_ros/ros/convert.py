@@ -171,7 +171,22 @@ def cancelled_answer_msg(event: ev.RoundEvent):
                   end_reason=f'cancelled: {event.reason}', camera=event.camera)
 
 
-STATUS_STATES = {'unloaded': 0, 'loading': 1, 'ready': 2, 'error': 3}
+def event_msg(event):
+    """(publisher key, message) of an engine event that is published as a message ('tokens',
+    'silence', 'answer'), or None for events the node handles otherwise (errors, resets,
+    frames, round starts)."""
+    if isinstance(event, ev.TokenEvent):
+        return 'tokens', token_msg(event)
+    if isinstance(event, ev.SilenceEvent):
+        return 'silence', silence_msg(event)
+    if isinstance(event, ev.AnswerEvent):
+        return 'answer', answer_msg(event)
+    if isinstance(event, ev.RoundEvent) and event.kind == 'cancelled':
+        return 'answer', cancelled_answer_msg(event)
+    return None
+
+
+STATUS_STATES = {'unloaded': 0, 'loading': 1, 'ready': 2, 'error': 3, 'inactive': 4}
 
 
 def camera_status_msg(cam: ev.CameraStats, frame_gap_sec: float = math.nan):
@@ -190,12 +205,14 @@ def camera_status_msg(cam: ev.CameraStats, frame_gap_sec: float = math.nan):
 
 
 def status_msg(stats: ev.EngineStats, num_invalid_frames: int,
-               frame_gap_sec: float = math.nan, warning: str = '', camera_gaps=None):
+               frame_gap_sec: float = math.nan, warning: str = '', camera_gaps=None,
+               lifecycle_state: str = ''):
     """``Status`` from the engine's counters; ``camera_gaps``: {camera: frame_gap_sec}."""
     from mossv_ros.msg import Status
     m = stats.last_metrics or ev.RoundMetrics()
     gaps = camera_gaps or {}
-    msg = Status(state=STATUS_STATES.get(stats.state, 3), state_text=stats.state,
+    msg = Status(state=STATUS_STATES.get(stats.state, 3), state_text=str(stats.state),
+                 lifecycle_state=lifecycle_state,
                  model_name=stats.model_name, current_round_id=stats.current_round_id,
                  num_frames_received=stats.num_frames_received,
                  num_frames_cached=stats.num_frames_cached,

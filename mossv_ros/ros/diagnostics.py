@@ -30,21 +30,27 @@ def _status(name: str, level: bytes, message: str, pairs):
 
 
 def diagnostic_array(node_name: str, stamp, model: Dict[str, str], stats: ev.EngineStats,
-                     cameras: List[dict], stale_sec: float, now_sec: Optional[float]):
+                     cameras: List[dict], stale_sec: float, now_sec: Optional[float],
+                     lifecycle_state: str = 'active'):
     """One DiagnosticArray.
 
     :param node_name: the node's name (status names are ``<node_name>: <part>``).
     :param stamp: ``builtin_interfaces/Time`` of the array (the node clock).
     :param model: 'path', 'device', 'dtype', 'attention' ('' where unknown).
-    :param stats: the engine's counters (state 'unloaded' without an engine).
+    :param stats: the engine's counters as Status reports them (state 'unloaded' without an
+        engine, 'inactive' while the node is not active).
     :param cameras: per camera topic: 'topic', 'last_stamp_sec' (None: no frame yet),
-        'received', 'invalid'.
+        'images' (image messages received), 'invalid', and 'camera': the
+        :class:`~mossv_ros.engine.events.CameraStats` of the camera it feeds (None without an
+        engine): its frames, drops, cache and lag are that camera's, not the node's totals.
     :param stale_sec: a camera silent longer than this (stamp time) is WARN.
     :param now_sec: the node clock, seconds (None while a sim clock has not started).
+    :param lifecycle_state: the node's lifecycle state; an inactive node is OK (REP-107: a
+        managed node waiting to be activated is not a fault), and says so.
     """
     from diagnostic_msgs.msg import DiagnosticArray
     state = stats.state
-    loaded = state in ('ready', 'error')
+    loaded = state in ('ready', 'error', 'inactive')
     statuses = []
     if state == 'error':
         level, message = ERROR, f'engine error: {stats.last_error}'
@@ -58,12 +64,15 @@ def diagnostic_array(node_name: str, stamp, model: Dict[str, str], stats: ev.Eng
         ('loaded', loaded), ('path', model.get('path', '')), ('device', model.get('device', '')),
         ('dtype', model.get('dtype', '')), ('attention', model.get('attention', ''))]))
     m = stats.last_metrics or ev.RoundMetrics()
-    engine_level = ERROR if state == 'error' else (OK if state == 'ready' else WARN)
-    engine_message = state
+    engine_level = ERROR if state == 'error' else (OK if state in ('ready', 'inactive')
+                                                   else WARN)
+    engine_message = (f'inactive (lifecycle {lifecycle_state}): questions are rejected'
+                      if state == 'inactive' else state)
     if engine_level == OK and 'capture failed' in stats.decode_path:
         engine_level, engine_message = WARN, f'{state}, {stats.decode_path}'
     statuses.append(_status(f'{node_name}: engine', engine_level, engine_message, [
-        ('state', state), ('decode_path', stats.decode_path),
+        ('state', state), ('lifecycle_state', lifecycle_state),
+        ('decode_path', stats.decode_path),
         ('ttft_sec', float(m.ttft_sec)), ('itl_sec', float(m.itl_sec)),
         ('frame_lag_sec', float(m.frame_lag_sec)),
         ('num_context_tokens', stats.num_context_tokens),
@@ -75,20 +84,28 @@ def diagnostic_array(node_name: str, stamp, model: Dict[str, str], stats: ev.Eng
         ('num_session_resets', stats.num_session_resets),
         ('num_oom_events', stats.num_oom_events), ('last_error', stats.last_error)]))
     for cam in cameras:
-        last = cam['last_stamp_sec']
-        gap = math.nan if last is None or now_sec is None else max(0.0, now_sec - last)
-        if last is None:
-            level, message = WARN, 'no frame yet'
-        elif gap > stale_sec:
-            level, message = WARN, f'no frame for {gap:.1f} s'
-        else:
-            level, message = OK, 'receiving'
-        statuses.append(_status(f'{node_name}: camera {cam["topic"]}', level, message, [
-            ('topic', cam['topic']), ('frame_gap_sec', gap),
-            ('frame_lag_sec', float(m.frame_lag_sec)),
-            ('num_images_received', cam['received']), ('num_invalid_frames', cam['invalid']),
-            ('num_dropped_frames', stats.num_dropped_frames),
-            ('num_frames_cached', stats.num_frames_cached), ('cache_bytes', stats.cache_bytes)]))
+        statuses.append(_camera_status(node_name, cam, stale_sec, now_sec))
     msg = DiagnosticArray(status=statuses)
     msg.header.stamp = stamp
     return msg
+
+
+def _camera_status(node_name: str, cam: dict, stale_sec: float, now_sec: Optional[float]):
+    last = cam['last_stamp_sec']
+    gap = math.nan if last is None or now_sec is None else max(0.0, now_sec - last)
+    if last is None:
+        level, message = WARN, 'no frame yet'
+    elif gap > stale_sec:
+        level, message = WARN, f'no frame for {gap:.1f} s'
+    else:
+        level, message = OK, 'receiving'
+    figures = cam.get('camera') or ev.CameraStats()
+    m = figures.last_metrics or ev.RoundMetrics()
+    return _status(f'{node_name}: camera {cam["topic"]}', level, message, [
+        ('topic', cam['topic']), ('camera', figures.name), ('frame_gap_sec', gap),
+        ('frame_lag_sec', float(m.frame_lag_sec)),
+        ('num_images', cam['images']), ('num_invalid_frames', cam['invalid']),
+        ('num_frames_received', figures.num_frames_received),
+        ('num_dropped_frames', figures.num_dropped_frames),
+        ('num_frames_cached', figures.num_frames_cached),
+        ('cache_bytes', figures.cache_bytes)])

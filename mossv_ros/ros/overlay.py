@@ -60,6 +60,38 @@ def render_overlay(rgb: np.ndarray, say: OverlayText) -> np.ndarray:
     return np.concatenate([frame, band], axis=0)
 
 
+class OverlayState:
+    """What ``~/overlay`` says, kept current from the engine's events (on the executor
+    thread): the round's question, the text being spoken, the newest frame taken."""
+
+    def __init__(self) -> None:
+        self.say = OverlayText()
+        self.frame = None  # the newest FrameEvent
+
+    def update(self, event):
+        """Follow one engine event. :returns: (frame event, a snapshot of the text) when a
+        picture is due (a frame went into the cache, or an utterance ended), else None."""
+        from ..engine import events as ev
+        say = self.say
+        if isinstance(event, ev.RoundEvent) and event.kind == 'started':
+            self.say = say = OverlayText(say.frame_index, event.round_id, 0, event.question)
+        elif isinstance(event, ev.TokenEvent):
+            if event.revision != say.revision or event.round_id != say.round_id:
+                say.text = ''
+            say.round_id, say.revision = event.round_id, event.revision
+            say.text += event.text
+        elif isinstance(event, ev.SilenceEvent) and event.is_silent:
+            say.text = ''
+        elif isinstance(event, ev.RoundEvent) and event.kind == 'ended':
+            self.say = say = OverlayText(say.frame_index)
+        if isinstance(event, ev.FrameEvent):
+            say.frame_index = event.source.frame_index
+            self.frame = event
+        if self.frame is not None and isinstance(event, (ev.FrameEvent, ev.AnswerEvent)):
+            return self.frame, OverlayText(**vars(say))
+        return None
+
+
 class OverlayPublisher:
     """Renders and publishes overlay pictures on a thread of its own (latest wins).
 
