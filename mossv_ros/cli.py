@@ -38,7 +38,8 @@ def cmd_demo(ns) -> int:
 
 def cmd_ask(ns) -> int:
     from .ros.client import ask
-    return ask(ns.prompt, node=ns.node, timeout_sec=ns.timeout, camera=ns.camera)
+    return ask(ns.prompt, node=ns.node, timeout_sec=ns.timeout, camera=ns.camera,
+               follow=ns.follow)
 
 
 def cmd_offline(ns) -> int:
@@ -198,10 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument('--duration', type=float, default=20.0, help='seconds of clip to play')
     demo.add_argument('--fps', type=float, default=10.0, help='camera rate of the published clip')
     demo.set_defaults(func=cmd_demo)
-    ask = sub.add_parser('ask', help='ask the running assistant and print the streamed answer')
+    ask = sub.add_parser(
+        'ask', help='ask the running assistant and print the streamed answer',
+        description='Ask the running assistant (~/ask) and print the answer as it streams. '
+        'Returns once the first utterance of the answer is complete; with --follow, once the '
+        'round ends (it stays open for round.close_after_frames silent frames in case the '
+        'model revises its answer).',
+        epilog='exit codes: 0 answered (or, with --follow, the round ended; a final Answer '
+        'that says the model stayed silent is an answer too), 1 rejected or cancelled '
+        '(the reason is printed), 2 no answer within --timeout, or no assistant node.')
     ask.add_argument('prompt')
     ask.add_argument('--node', default='/mossv_assistant', help='the assistant node name')
-    ask.add_argument('--timeout', type=float, default=60.0, help='seconds to wait')
+    ask.add_argument('--timeout', type=float, default=60.0,
+                     help='seconds to wait for the answer (default: %(default)s)')
+    ask.add_argument('--follow', action='store_true',
+                     help='also print the revisions, until the round ends')
     ask.add_argument('--camera', default='',
                      help="which camera (cameras.names); '' = the default (first) camera")
     ask.set_defaults(func=cmd_ask)

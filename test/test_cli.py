@@ -73,7 +73,7 @@ def test_ask_prints_the_streamed_answer(tiny_checkpoint):
     lines = res.stdout.splitlines()
     assert lines[0].startswith('[round ') and lines[0].endswith('What is on the table?')
     rid = lines[0].split(']')[0].split()[1]
-    assert f'(round {rid}, final' in res.stdout
+    assert f'[answer (round {rid}' in res.stdout
     assert code == 0, out
 
 

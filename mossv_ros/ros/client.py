@@ -28,7 +28,9 @@ class AnswerView(Node):
         from mossv_ros.msg import Answer, Silence, Token
         self.only_round = only_round
         self.out = out
-        self.finished = set()
+        self.finished = set()  # rounds whose final Answer came
+        self.answered = set()  # rounds whose first utterance is complete (revision 0)
+        self.cancelled = set()  # rounds that ended without running (cancelled, rejected)
         self.answers = []
         self._held = []
         self.create_subscription(Token, f'{assistant}/tokens', self._on_token, 100)
@@ -60,21 +62,42 @@ class AnswerView(Node):
         if not self._wanted(msg.round_id, self._on_answer, msg):
             return
         self.answers.append(msg)
-        kind = 'answer' if msg.revision == 0 else f'revision {msg.revision}'
-        final = ', final' if msg.is_final else ''
-        self.out(f'\n  [{kind} (round {msg.round_id}{final}, ended by {msg.end_reason}, '
-                 f'frames {msg.first_frame_index}-{msg.last_frame_index})]: '
-                 f'{printable(msg.text)[:200]}', flush=True)
+        self.out(f'\n  {describe_answer(msg)}', flush=True)
         if msg.is_final:
             self.finished.add(msg.round_id)
+            if msg.end_reason.startswith(('cancelled', 'rejected')):
+                self.cancelled.add(msg.round_id)
+        if msg.revision == 0:
+            self.answered.add(msg.round_id)
+
+
+def describe_answer(msg) -> str:
+    """One line for an Answer: which utterance, of which round, how it ended, the frames it
+    saw, and its text (or that the model stayed silent)."""
+    kind = 'answer' if msg.revision == 0 else f'revision {msg.revision}'
+    final = ', final' if msg.is_final else ''
+    frames = ('no frame' if msg.first_frame_index < 0 else
+              f'frame {msg.first_frame_index}' if msg.first_frame_index == msg.last_frame_index
+              else f'frames {msg.first_frame_index}-{msg.last_frame_index}')
+    text = printable(msg.text)[:200]
+    if not text and msg.is_final and not msg.end_reason.startswith(('cancelled', 'rejected')):
+        text = '(the model stayed silent: nothing it saw answered the question)'
+    return f'[{kind} (round {msg.round_id}{final}, ended by {msg.end_reason}, {frames})]: {text}'
+
+
+#: exit codes of ``mossv-ros ask``
+EXIT_ANSWERED, EXIT_REFUSED, EXIT_TIMEOUT = 0, 1, 2
 
 
 def ask(prompt: str, node: str = '/mossv_assistant', timeout_sec: float = 60.0,
-        camera: str = '') -> int:
-    """Call ``<node>/ask`` (about ``camera``, '' = the default one); print the streamed
-    answer until its round ends or the timeout.
+        camera: str = '', follow: bool = False) -> int:
+    """Call ``<node>/ask`` (about ``camera``, '' = the default one) and print the streamed
+    answer: until its first utterance is complete, or with ``follow`` until the round ends
+    (revisions included), or the timeout.
 
-    :returns: 0 on a final answer, 1 when rejected, 2 on timeout.
+    :returns: :data:`EXIT_ANSWERED` (0) once answered (the round may go on: its revisions
+        are not waited for without ``follow``), :data:`EXIT_REFUSED` (1) when rejected or
+        cancelled, :data:`EXIT_TIMEOUT` (2) on timeout or without the node.
     """
     from mossv_ros.srv import Ask
     rclpy.init()
@@ -85,7 +108,7 @@ def ask(prompt: str, node: str = '/mossv_assistant', timeout_sec: float = 60.0,
         client = view.create_client(Ask, f'{node}/ask')
         if not client.wait_for_service(timeout_sec=min(timeout_sec, 15.0)):
             print(f'no service {node}/ask (is the assistant running?)')
-            return 2
+            return EXIT_TIMEOUT
         end = time.monotonic() + timeout_sec
         while True:
             future = client.call_async(Ask.Request(prompt=prompt, camera=camera))
@@ -100,13 +123,22 @@ def ask(prompt: str, node: str = '/mossv_assistant', timeout_sec: float = 60.0,
             executor.spin_once(timeout_sec=0.5)
         if response is None or not response.accepted:
             print(f'rejected: {response.message if response else "no response"}')
-            return 1
-        print(f'[round {response.round_id}] {prompt}')
-        view.set_round(response.round_id)
-        while time.monotonic() < end and response.round_id not in view.finished:
+            return EXIT_REFUSED
+        round_id = response.round_id
+        print(f'[round {round_id}] {prompt}')
+        view.set_round(round_id)
+
+        def done():
+            return round_id in view.finished or (not follow and round_id in view.answered)
+        while time.monotonic() < end and not done():
             executor.spin_once(timeout_sec=0.1)
         print()
-        return 0 if response.round_id in view.finished else 2
+        if round_id in view.cancelled:
+            return EXIT_REFUSED
+        if round_id in view.answered or round_id in view.finished:
+            return EXIT_ANSWERED
+        print(f'no answer within {timeout_sec:g} s (--timeout)')
+        return EXIT_TIMEOUT
     finally:
         executor.shutdown()
         view.destroy_node()
