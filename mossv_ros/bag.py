@@ -202,7 +202,12 @@ def from_frames(frames: Iterable[Tuple[float, np.ndarray]], out_bag: str,
             written_ns.append(ns)
             if progress is not None:
                 progress(counts[image_topic])
-        write_questions(2**62)  # questions after the last frame still go in, in order
+        if pending:  # nothing would be streamed after them: refused, with the clip's end
+            last = (max(written_ns) - start_ns) * 1e-9
+            t, text = pending[0]
+            raise ValueError(f"question at {t:g} s ({text!r}) comes after the clip's last "
+                             f'frame at {last:.2f} s: no frame would follow it; ask it at '
+                             f'or before {last:.2f} s')
     return BagSummary(Path(out_bag), counts, start_ns, max(written_ns))
 
 
@@ -226,17 +231,28 @@ def _msg_class(msgtype: str):
 
 @dataclass
 class PlayResult:
-    """Messages published per topic (after remapping) and the wall time the playback took."""
+    """Messages published per topic (after remapping), the wall time the playback took, and
+    the tag its questions' request ids carry (``bag-0@<tag>``; '' when not tagged)."""
 
     counts: Dict[str, int]
     wall_s: float
+    request_tag: str = ''
+
+
+#: the message type whose ``request_id`` a playback tags
+QUESTION_MSGTYPE = 'mossv_ros/msg/Question'
 
 
 def play(bag: str, rate: float = 1.0, clock: bool = False, clock_hz: float = 100.0,
          remap: Optional[Dict[str, str]] = None, topics: Optional[List[str]] = None,
          node=None, stop: Optional[threading.Event] = None, delay: float = 0.3,
-         wait_for_subscribers: float = 0.0) -> PlayResult:
+         wait_for_subscribers: float = 0.0, request_tag: Optional[str] = None) -> PlayResult:
     """Publish a bag's messages at their recorded timing (like ``ros2 bag play``).
+
+    Questions (``mossv_ros/msg/Question``) are published with ``@<tag>`` appended to their
+    ``request_id``, one tag per playback, so each replay of a bag asks its questions under
+    request ids of its own (the bag's ``bag-0`` becomes ``bag-0@<tag>``) and its final
+    Answers are told apart from another replay's.
 
     :param rate: playback speed factor (2.0 = twice as fast).
     :param clock: publish ``rosgraph_msgs/Clock`` on ``/clock`` at ``clock_hz`` with bag time,
@@ -249,6 +265,8 @@ def play(bag: str, rate: float = 1.0, clock: bool = False, clock_hz: float = 100
     :param delay: seconds between creating the publishers and the first message (discovery).
     :param wait_for_subscribers: wait up to this many seconds until every topic has a
         subscriber before starting (0: do not wait).
+    :param request_tag: the tag (default: 8 random hex digits; '' leaves the ids as
+        recorded).
     :raises ValueError: a non-positive rate or a message type that is not importable.
     """
     from rclpy.duration import Duration
@@ -257,6 +275,9 @@ def play(bag: str, rate: float = 1.0, clock: bool = False, clock_hz: float = 100
 
     if rate <= 0:
         raise ValueError(f'rate must be > 0, not {rate}')
+    if request_tag is None:
+        import uuid
+        request_tag = uuid.uuid4().hex[:8]
     remap = remap or {}
     own_node = node is None
     if own_node:
@@ -279,11 +300,12 @@ def play(bag: str, rate: float = 1.0, clock: bool = False, clock_hz: float = 100
                     raise ValueError(f'cannot play {conn.topic}: type {conn.msgtype} is not '
                                      f'importable ({exc})') from exc
                 name = remap.get(conn.topic, conn.topic)
-                pubs[conn.id] = (node.create_publisher(cls, name, qos), name)
+                tagged = cls if request_tag and conn.msgtype == QUESTION_MSGTYPE else None
+                pubs[conn.id] = (node.create_publisher(cls, name, qos), name, tagged)
                 counts.setdefault(name, 0)
             deadline = time.monotonic() + wait_for_subscribers
             while time.monotonic() < deadline and not all(
-                    p.get_subscription_count() for p, _ in pubs.values()):
+                    p.get_subscription_count() for p, _, _ in pubs.values()):
                 time.sleep(0.05)
             time.sleep(delay)  # let subscribers match, as ros2 bag play's --delay does
             wall0 = time.monotonic()
@@ -295,7 +317,7 @@ def play(bag: str, rate: float = 1.0, clock: bool = False, clock_hz: float = 100
                 while True:
                     now = time.monotonic()
                     if stop is not None and stop.is_set():
-                        return PlayResult(counts, now - wall0)
+                        return PlayResult(counts, now - wall0, request_tag)
                     if clock_pub is not None:
                         _publish_clock(clock_pub, bag0 + int((now - wall0) * rate * 1e9))
                     if now >= target:
@@ -303,15 +325,23 @@ def play(bag: str, rate: float = 1.0, clock: bool = False, clock_hz: float = 100
                     time.sleep(min(target - now, 1.0 / clock_hz if clock_pub else 0.05))
                 if clock_pub is not None:
                     _publish_clock(clock_pub, ns)
-                pub, name = pubs[conn.id]
-                pub.publish(bytes(raw))
+                pub, name, tagged = pubs[conn.id]
+                pub.publish(bytes(raw) if tagged is None else _tagged(raw, tagged, request_tag))
                 counts[name] += 1
-            for pub, _ in pubs.values():  # reliable: let the last messages reach subscribers
+            for pub, _, _ in pubs.values():  # reliable: let the last messages reach subscribers
                 pub.wait_for_all_acked(Duration(seconds=2))
-            return PlayResult(counts, time.monotonic() - wall0)
+            return PlayResult(counts, time.monotonic() - wall0, request_tag)
     finally:
         if own_node:
             node.destroy_node()
+
+
+def _tagged(raw, cls, tag: str):
+    """A recorded Question with ``@<tag>`` appended to its request_id."""
+    from rclpy.serialization import deserialize_message
+    msg = deserialize_message(bytes(raw), cls)
+    msg.request_id = f'{msg.request_id}@{tag}'
+    return msg
 
 
 def _publish_clock(pub, ns: int) -> None:

@@ -108,8 +108,9 @@ def cmd_bag_play(ns) -> int:
         return 130
     finally:
         rclpy.try_shutdown()
+    tag = f'; questions asked as <request_id>@{result.request_tag}' if result.request_tag else ''
     print(f'played {ns.bag} in {result.wall_s:.2f} s: '
-          + ', '.join(f'{t}: {n}' for t, n in result.counts.items()))
+          + ', '.join(f'{t}: {n}' for t, n in result.counts.items()) + tag)
     return 0
 
 

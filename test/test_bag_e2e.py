@@ -56,8 +56,9 @@ def test_bag_replay_into_node_answers_every_question(ros_context, tiny_checkpoin
         thread.start()
         spin_until(rec, lambda: not thread.is_alive(), 120)
         thread.join()
+        ids = [f'bag-{i}@{result["r"].request_tag}' for i in range(2)]  # this replay's
         answered = lambda: {a.request_id for a in got['answer']}  # noqa: E731
-        spin_until(rec, lambda: {'bag-0', 'bag-1'} <= answered(), 30)
+        spin_until(rec, lambda: set(ids) <= answered(), 30)
         assert proc.poll() is None, 'the node died'
         # SIGINT while listening: the open round still ends with a final Answer we receive
         t0 = time.monotonic()
@@ -69,7 +70,7 @@ def test_bag_replay_into_node_answers_every_question(ros_context, tiny_checkpoin
         took = time.monotonic() - t0
     assert result['r'].counts == {'/image': video_bag.counts['/image'],
                                   '/mossv_assistant/question': 2, }
-    for rid, (_, text) in zip(['bag-0', 'bag-1'], QUESTIONS):
+    for rid, (_, text) in zip(ids, QUESTIONS):
         toks = [t for t in got['tokens'] if t.request_id == rid]
         answers = [a for a in got['answer'] if a.request_id == rid]
         assert toks, f'no tokens for {rid}'
@@ -77,8 +78,8 @@ def test_bag_replay_into_node_answers_every_question(ros_context, tiny_checkpoin
         assert [a.is_final for a in answers][-1:] == [True], \
             [(a.end_reason, a.is_final) for a in answers]
         assert all(a.question == text for a in answers)
-    assert {t.round_id for t in got['tokens'] if t.request_id == 'bag-0'} != \
-        {t.round_id for t in got['tokens'] if t.request_id == 'bag-1'}
+    assert {t.round_id for t in got['tokens'] if t.request_id == ids[0]} != \
+        {t.round_id for t in got['tokens'] if t.request_id == ids[1]}
     assert any(s.state == Silence.STATE_SILENT for s in got['silence'])
     outputs = got['tokens'] + got['silence'] + got['answer']
     # Output before the first frame (the model speaking under the empty session prompt) has no

@@ -143,5 +143,8 @@ def test_bag_from_video_then_play_round_trips(ros_context, tmp_path, storage, co
     stamps = [(m.header.stamp.sec, m.header.stamp.nanosec) for m in got['/cam']]
     assert stamps == recorded['/image']
     assert [m.text for m in got['/q']] == ['first?', 'second?']
+    # each playback asks under request ids of its own (the printed tag), never the bag's
+    tag = got['res'].stdout.split('<request_id>@')[1].split()[0]
+    assert [m.request_id for m in got['/q']] == [f'bag-0@{tag}', f'bag-1@{tag}']
     if not compressed:
         assert got['/cam'][0].encoding == 'bgr8' and got['/cam'][0].width == 160

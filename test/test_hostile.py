@@ -269,7 +269,8 @@ def small_video(tmp_path_factory):
 
 
 @pytest.mark.parametrize('case', ['bad_checkpoint', 'existing_bag', 'missing_video',
-                                  'negative_width', 'nan_question', 'zero_fps', 'corrupt_video'])
+                                  'negative_width', 'nan_question', 'zero_fps', 'corrupt_video',
+                                  'question_after_the_clip'])
 def test_cli_bad_input_gets_a_message_not_a_traceback(case, tmp_path, small_video):
     """Issue 16 item 16: tracebacks from offline and bag from-video, silent --fps 0, and a
     half-written bag folder that blocked the rerun."""
@@ -291,6 +292,9 @@ def test_cli_bad_input_gets_a_message_not_a_traceback(case, tmp_path, small_vide
         'zero_fps': (['bag', 'from-video', str(small_video), str(bag), '--fps', '0'],
                      'must be > 0'),
         'corrupt_video': (['bag', 'from-video', str(corrupt), str(bag)], 'error'),
+        # issue 26 item 10: taken without a word before
+        'question_after_the_clip': (['bag', 'from-video', str(small_video), str(bag),
+                                     '--question', '1000:too late?'], 'after the clip'),
     }[case]
     res = mossv_ros(*args, timeout=120)
     assert res.returncode == 2, (res.stdout, res.stderr)

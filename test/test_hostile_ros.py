@@ -147,7 +147,8 @@ def test_zero_stamps_and_forged_and_degenerate_input(probe):
     assert params.wait_for_service(timeout_sec=15)
     refused = {}
     for name, value in [('sampling.temperature', 1e-45), ('sampling.repetition_penalty', 1e-300),
-                        ('status.period_sec', 0.0), ('cache.max_memory_bytes', 1000)]:
+                        ('status.period_sec', 0.0), ('cache.max_memory_bytes', 1000),
+                        ('cache.max_framez', 3)]:
         pv = (ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=value)
               if isinstance(value, float) else
               ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=value))
@@ -160,6 +161,8 @@ def test_zero_stamps_and_forged_and_degenerate_input(probe):
     REPORT['degenerate_parameters_refused'] = refused
     assert 'sampling.temperature=1e-45 is invalid' in refused['sampling.temperature']
     assert 'cannot change while the node is active' in refused['cache.max_memory_bytes']
+    # issue 26 item 10: rclpy said 'undeclared parameter(s): []'
+    assert 'cache.max_framez (did you mean cache.max_frames?)' in refused['cache.max_framez']
 
 
 def test_four_lifecycle_cycles_keep_the_status_rate(probe):

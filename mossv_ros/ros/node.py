@@ -32,6 +32,7 @@ from .params import (
     engine_defaults,
     NODE_DEFAULTS,
     ParameterGate,
+    unknown_params,
     validate_node_params,
 )
 from .status import StatusReporter, Warnings
@@ -77,6 +78,18 @@ class AssistantNode(LifecycleNode):
         self._overlay_state = OverlayState()
         self._node_timers = {}
         self._start_timers('diagnostics')
+
+    def set_parameters_atomically(self, parameter_list):
+        """rclpy refuses an undeclared parameter with 'undeclared parameter(s): []'; say which,
+        and the closest declared name."""
+        unknown = [p.name for p in parameter_list if not self.has_parameter(p.name)]
+        if unknown:
+            from rcl_interfaces.msg import SetParametersResult
+            return SetParametersResult(successful=False, reason=(
+                'not a parameter of this node: ' + ', '.join(
+                    unknown_params(unknown, self._parameters)) + ' (ros2 param list names '
+                'them all)'))
+        return super().set_parameters_atomically(parameter_list)
 
     def destroy_node(self):
         self._overlay.close()  # the action server is a waitable: destroy_node destroys it
