@@ -73,22 +73,86 @@ def ros2(*args, timeout: float = 60.0, env: Optional[dict] = None,
     return proc
 
 
+#: the longest one ``ros2`` call may take before the tests call it hung (discovery within the
+#: call takes ``--spin-time`` 3 s; the node answers a request in well under a second)
+CALL_BOUND_SEC = 20.0
+
+
 def ros2_retry(*args, until, timeout: float = 60.0, env: Optional[dict] = None) -> str:
-    """Run ``ros2 ARGS`` until ``until(output)`` holds (discovery takes a few seconds)."""
+    """Run ``ros2 ARGS`` until ``until(output)`` holds (discovery takes a few seconds), each
+    call bounded by :data:`CALL_BOUND_SEC`. For idempotent verbs (get, echo, param set, a
+    service call whose repetition is harmless): a call that hangs is run again.
+
+    Why a call hangs, found under load (a core kept busy, the ROS tests run three times): the
+    ros2 CLI waits without a timeout for the service to be ready and then for the response,
+    and with Fast DDS a request can be answered before the server has matched the client's
+    response reader, so the response is never delivered: the CLI's own discovery, not the
+    node (whose service answers an rclpy client at once meanwhile, see
+    :func:`ros2_transition`)."""
     end = time.monotonic() + timeout
     out = ''
     while time.monotonic() < end:
         try:  # one hung call must not eat the whole budget
-            proc = ros2(*args, timeout=max(5.0, min(20.0, end - time.monotonic())), env=env,
-                        check=False)
+            proc = ros2(*args, timeout=max(5.0, min(CALL_BOUND_SEC, end - time.monotonic())),
+                        env=env, check=False)
         except subprocess.TimeoutExpired as exc:
             out = f'timed out: {exc}'
             continue
         out = proc.stdout
-        if proc.returncode == 0 and until(out):
+        if until(out):
             return out
         time.sleep(0.5)
     raise AssertionError(f'ros2 {" ".join(args)} never gave the expected output:\n{out}')
+
+
+def lifecycle_state(node_name: str, context, timeout: float = 10.0) -> Optional[str]:
+    """The node's lifecycle state label through an rclpy client of the test (bounded); None
+    when the node's get_state service does not answer within ``timeout``."""
+    from lifecycle_msgs.srv import GetState
+    import rclpy
+
+    from .ros_helpers import spin_until
+    probe = rclpy.create_node('lifecycle_probe', context=context)
+    try:
+        client = probe.create_client(GetState, f'{node_name}/get_state')
+        if not client.wait_for_service(timeout_sec=timeout):
+            return None
+        future = client.call_async(GetState.Request())
+        if not spin_until(probe, future.done, timeout):
+            return None
+        return future.result().current_state.label
+    finally:
+        probe.destroy_node()
+
+
+def ros2_transition(node_name: str, transition: str, target: str, context,
+                    attempts: int = 3) -> str:
+    """``ros2 lifecycle set NODE TRANSITION`` until the node is in state ``target``.
+
+    A transition is not idempotent, so a call that hangs past :data:`CALL_BOUND_SEC` is
+    diagnosed with the test's own client before anything is retried: the node in ``target``
+    means it made the transition and answered, and the CLI lost the response (its own
+    discovery, see :func:`ros2_retry`): done; the node still in the old state, answering
+    get_state: the request never reached it, so it is sent again; the node not answering
+    get_state at all is a node defect, and the test fails saying so.
+    :returns: the CLI's output, or what the diagnosis found."""
+    notes = []
+    for _ in range(attempts):
+        try:
+            out = ros2('lifecycle', 'set', node_name, transition, timeout=CALL_BOUND_SEC,
+                       check=False).stdout
+            if 'Transitioning successful' in out:
+                return out
+            notes.append(out)
+        except subprocess.TimeoutExpired:
+            notes.append(f'ros2 lifecycle set {transition}: no response in {CALL_BOUND_SEC} s')
+        state = lifecycle_state(node_name, context)
+        if state is None:
+            raise AssertionError(f'{node_name} does not answer get_state: a node defect\n'
+                                 + '\n'.join(notes))
+        if state == target:
+            return f'{notes[-1]}\n(the node is {state}: the CLI lost the response)'
+    raise AssertionError(f'{node_name} never reached {target}:\n' + '\n'.join(notes))
 
 
 def start(cmd, env: Optional[dict] = None, log: Optional[Path] = None) -> subprocess.Popen:

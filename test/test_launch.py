@@ -150,7 +150,8 @@ def test_ros2_launch_params_file_alone_then_sigint(tmp_path):
         got = ros2_retry('param', 'get', '/mossv_assistant', 'model.path',
                          until=lambda o: 'String value is' in o)
         assert toyworld_dir() in got
-        got = ros2('param', 'get', '/mossv_assistant', 'engine.device').stdout
+        got = ros2_retry('param', 'get', '/mossv_assistant', 'engine.device',
+                         until=lambda o: 'value is' in o)
         assert 'String value is: cpu' in got, got
         assert processes_mentioning(str(params)), 'the node process is not running'
         code, took = interrupt(proc, timeout=10)
