@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 # The ROS tests run again on the Jazzy wheels (rclpy 7.x): node, executor, faults, bags,
 # toyworld through ROS, launch, ros2 CLI, colcon, the hostile suite, action/diagnostics/overlay.
 JAZZY_TESTS = test/test_ros.py test/test_executor.py test/test_faults.py test/test_bag_e2e.py \
+	test/test_status_ros.py \
 	test/test_toyworld_ros.py test/test_launch.py test/test_ros2_cli.py test/test_colcon.py \
 	test/test_hostile_ros.py test/test_robot_interfaces.py test/test_cameras_ros.py
 

@@ -64,8 +64,10 @@ if [ "$(cat "$VENV/.mossv-requirements" 2>/dev/null)" != "$req_hash" ]; then
     || true
   if [ "$with_tools" = 1 ]; then
     log "installing the ROS 2 launch system, ros2 CLI and colcon from $TOOLS (tests only)"
-    quiet_pip install -q --no-deps "$TOOLS"/wheels/*.whl
+    # PyPI's part first: installed after the --no-deps wheels, its resolver would print an
+    # ERROR about their distro dependency names (ament_index_python, ...) that is not one
     quiet_pip install -q -r "$ROOT/requirements/ros2-tools.txt" -c "$CONSTRAINTS"
+    quiet_pip install -q --no-deps "$TOOLS"/wheels/*.whl
     "$PY" -c 'import launch, ros2cli, colcon_core' || { log "ROS 2 tools install failed"; exit 1; }
   fi
   echo "$req_hash" > "$VENV/.mossv-requirements"

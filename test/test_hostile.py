@@ -8,7 +8,7 @@ from mossv_ros.engine import prompt as grammar
 
 
 def _special_ids(runner, ids):
-    specials = runner._special_ids
+    specials = runner.codec._special_ids
     return [i for i in ids if i in specials]
 
 

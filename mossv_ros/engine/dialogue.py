@@ -98,7 +98,9 @@ class Dialogue:
         ``round_close_after_frames``, ``round_close_after_sec``); replace :attr:`config` to
         change it.
     :param silence_id: token id of ``<|silence|>`` (docs/model.md section 3).
-    :param decode: ``decode(token_ids) -> str`` (the tokenizer's decode, specials skipped).
+    :param decode: ``decode(token_ids) -> str`` (the tokenizer's decode; special tokens are
+        written out, but an utterance holds only the words it spoke: ``<|silence|>`` ends it
+        and never enters it).
     :param oldest_frame_index: ``() -> int``, index of the oldest frame in the vision cache
         (-1 when empty): an answer is grounded from there.
     :param clock: monotonic seconds (``time.monotonic``; tests pass a fake clock).

@@ -7,26 +7,26 @@ import dataclasses
 from dataclasses import dataclass
 import logging
 from pathlib import Path
-import threading
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from . import prompt as grammar
+from .budget import CacheBudget
 from .checkpoint import (
     CheckpointError,
     DTYPE_MAP,
     load_hf_model,
     load_tokenizer,
     read_config,
-    resolve_special_ids,
 )
 from .config import EngineConfig, resolve_device_dtype
 from .kv_cache import CachePool
 from .moss_video import MossVideoModel
 from .preprocess import letterbox, normalize_tiles
 from .step import build_metadata, eager_shape, RowInput, to_device
+from .tokens import TokenCodec
 
 log = logging.getLogger(__name__)
 #: Text-context tokens that must stay free after the session prompt (questions, answers).
@@ -62,8 +62,6 @@ class Session:
         self.num_evicted_frames = 0
         self.num_evicted_tokens = 0
         self.num_oom_events = 0
-        self.oom_cap_bytes = 0  # cache-bytes cap learned from a device OOM (0 = none); kept
-        # across clear(): the device did not grow
 
     @property
     def pool(self) -> CachePool:
@@ -145,7 +143,6 @@ class ModelRunner:
         impl = pick_attn_implementation(config.attn_implementation, config.device)
         read_config(path)  # architecture check first: the clearest error for a wrong folder
         tokenizer = load_tokenizer(path, config.trust_remote_code)
-        self.special = resolve_special_ids(tokenizer)
         hf_model, extras = load_hf_model(path, dtype, config.device, progress)
         self._setup(hf_model, tokenizer, impl, extras['pool_stride'])
 
@@ -162,20 +159,22 @@ class ModelRunner:
         text.rotary_emb = MllamaRotaryEmbedding(text.config).to(config.device)  # float32 table
         self = cls.__new__(cls)
         self.config = config
-        self.special = resolve_special_ids(tokenizer)
         impl = pick_attn_implementation(config.attn_implementation, config.device)
         self._setup(hf_model, tokenizer, impl, pool_stride)
         return self
 
     def _setup(self, hf_model, tokenizer, impl: str, pool_stride: int) -> None:
         config = self.config
-        self.tokenizer = tokenizer
-        # one encode at a time: callers' threads (submit) and the engine thread share it, and
-        # transformers' fast tokenizer sets backend state (split_special_tokens) per call
-        self._encode_lock = threading.Lock()
-        #: ids of every special token (Llama-3 reserves 256), which user text must not yield
-        self._special_ids = set(tokenizer.all_special_ids) | {
-            i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
+        #: tokenization and the special-token defence (:mod:`.tokens`); the runner's
+        #: ``tokenize``, ``question_ids``, ``user_text_ids``, ``decode`` and
+        #: ``suppressed_ids`` are its methods
+        self.codec = codec = TokenCodec(tokenizer)
+        self.tokenizer, self.special = tokenizer, codec.special
+        self.tokenize, self.question_ids = codec.tokenize, codec.question_ids
+        self.user_text_ids, self.decode = codec.user_text_ids, codec.decode
+        self.suppressed_ids = codec.suppressed_ids
+        #: the one owner of the cache memory budget (:mod:`.budget`)
+        self.budget = CacheBudget(config.max_memory_bytes, config.max_total_memory_bytes)
         self.model = MossVideoModel(hf_model, impl, pool_stride)
         if config.device.startswith('cuda'):
             self.model.fuse_projections()  # fewer, larger kernels per step (section 10.3)
@@ -189,53 +188,6 @@ class ModelRunner:
         if self.special.image < self.vocab_size:
             log.warning('<|image|> id %d is generable (vocab %d)', self.special.image,
                         self.vocab_size)
-
-    # ------------------------------------------------------------------ text helpers
-    def tokenize(self, text: str) -> List[int]:
-        """Token ids of grammar text: special-token strings in it become special ids.
-        Never for user text alone (see :meth:`question_ids`). Thread-safe."""
-        with self._encode_lock:
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def question_ids(self, question: str) -> List[int]:
-        """Token ids of a mid-stream user turn (docs/model.md section 7.4 step 5); see
-        :meth:`user_text_ids`."""
-        return self.user_text_ids(grammar.question_text, question)
-
-    def user_text_ids(self, build: Callable[[str], str], user_text: str) -> List[int]:
-        """Token ids of ``build(user_text)``, grammar text around a user's text, in which the
-        user's text never yields a special token: ``<|image|>``, ``<|eot_id|>`` or a header
-        typed into a question stay plain text, so no one can forge turns or image slots.
-
-        Text without special-token strings is tokenized as one string, exactly as in
-        training; text with them in three parts (grammar, the user's text with special
-        tokens split into plain text, grammar).
-
-        :param build: ``user_text -> full text``; must contain ``user_text`` once.
-        """
-        with self._encode_lock:
-            user = self.tokenizer.encode(user_text, add_special_tokens=False)
-        if not self._special_ids.intersection(user):
-            return self.tokenize(build(user_text))
-        before, after = build('\0').split('\0')
-        with self._encode_lock:  # split_special_tokens flips the shared backend's state
-            plain = self.tokenizer.encode(user_text, add_special_tokens=False,
-                                          split_special_tokens=True)
-        return self.tokenize(before) + list(plain) + self.tokenize(after)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
-
-    def suppressed_ids(self) -> List[int]:
-        """Ids never sampled in real-time mode (docs/model.md section 7.4 step 2): the grammar's
-        structural tokens, ``<|eot_id|>`` (never a real-time target) and every other special
-        added token (Llama-3's reserved slots), all but ``<|silence|>``."""
-        s = self.special
-        ids = {s.video, s.image, s.bos, s.start_header, s.end_header, s.eot, s.ellipsis}
-        added = getattr(self.tokenizer, 'added_tokens_decoder', {}) or {}
-        ids |= {int(i) for i, tok in added.items() if getattr(tok, 'special', False)}
-        ids.discard(s.silence)
-        return sorted(ids)
 
     def new_session(self, max_frames: Optional[int] = None,
                     max_context_tokens: Optional[int] = None) -> Session:
@@ -348,9 +300,7 @@ class ModelRunner:
             slot, evicted = self._evict_one(session)
         cache.insert(slot, self.model.finalize_keys(frame.keys, position), frame.values,
                      position, frame_index)
-        cap = self.config.max_memory_bytes
-        if session.oom_cap_bytes:
-            cap = min(cap, session.oom_cap_bytes) if cap else session.oom_cap_bytes
+        cap = self.budget.session_cap(session)
         while cap and session.cache_bytes > cap and cache.num_frames > 1:
             _, evicted = self._evict_one(session)
         return evicted
@@ -486,11 +436,11 @@ class ModelRunner:
         for _ in range(cache.num_frames // 2):
             self._evict_one(session)
         session.num_oom_events += 1
-        session.oom_cap_bytes = session.cache_bytes
+        cap = self.budget.learn_oom(session)
         if self.config.device.startswith('cuda'):
             torch.cuda.empty_cache()
         log.warning('device out of memory: evicted to %d frames; cache capped at %d bytes',
-                    cache.num_frames, session.oom_cap_bytes)
+                    cache.num_frames, cap)
 
     def _make_room(self, session: Session, n: int) -> None:
         cache = session.kv_cache
@@ -512,13 +462,8 @@ class ModelRunner:
             raise ValueError(f'cache.max_context_tokens={session.kv_cache.capacity} is too '
                              f'small: the session prompt alone is {len(ids)} tokens; use at '
                              f'least {len(ids) + MIN_FREE_CONTEXT}')
-        cap = self.config.max_memory_bytes
-        need = ((len(ids) + MIN_FREE_CONTEXT) * session.kv_cache.bytes_per_token
-                + session.vision_cache.bytes_per_frame)
-        if cap and cap < need:  # below the prompt and one frame: it could not be honoured
-            raise ValueError(f'cache.max_memory_bytes={cap} is too small: the session prompt, '
-                             f'{MIN_FREE_CONTEXT} free tokens and one frame need {need} bytes; '
-                             'use at least that, or 0 (off)')
+        self.budget.check_start(len(ids), MIN_FREE_CONTEXT, session.kv_cache.bytes_per_token,
+                                session.vision_cache.bytes_per_frame)
         logits = self.feed(session, ids)
         session.prefix_tokens = len(ids)
         return logits
