@@ -97,7 +97,8 @@ class Report(dict):
 
 
 # ----------------------------------------------------------------------------- models
-def build_runner(tiny: bool, device: str, dtype, max_frames: int, cuda_graphs='auto'):
+def build_runner(tiny: bool, device: str, dtype, max_frames: int, cuda_graphs='auto',
+                 quantization='none'):
     """A runner over random weights of the tiny or 11B shapes (in memory, no checkpoint)."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration, PreTrainedTokenizerFast
 
@@ -123,7 +124,8 @@ def build_runner(tiny: bool, device: str, dtype, max_frames: int, cuda_graphs='a
                               dtype={torch.bfloat16: 'bfloat16',
                                      torch.float32: 'float32'}[dtype],
                               max_frames=max_frames, max_context_tokens=4096,
-                              frame_rate_hz=30.0, max_frame_queue=8, cuda_graphs=cuda_graphs)
+                              frame_rate_hz=30.0, max_frame_queue=8, cuda_graphs=cuda_graphs,
+                              quantization=quantization)
     return ModelRunner.from_model(engine_cfg, model, tokenizer), model
 
 
@@ -550,7 +552,49 @@ def stage_sessions(runner, frames, device, steps: int):
             **{k: v for k, v in out.items() if not isinstance(k, int)}}
 
 
-# ----------------------------------------------------------------------------- 6. baseline
+# ----------------------------------------------------------------------------- 6. quantized
+def stage_quantization(tiny: bool, device: str, frames, modes, n_frames: int = 64):
+    """Each ``model.quantization`` on a fresh model of the same shapes: the weights' bytes,
+    one decode step (CUDA graph where captured) with ``n_frames`` cached, a frame encode, the
+    peak memory; a mode that cannot run says why."""
+    import gc
+    out = {}
+    dtype = torch.float32 if device == 'cpu' else torch.bfloat16
+    for mode in modes:
+        runner = model = session = None
+        gc.collect()
+        if device.startswith('cuda'):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            runner, model = build_runner(tiny, device, dtype, n_frames, quantization=mode)
+            session = runner.new_session(max_frames=n_frames, max_context_tokens=4096)
+            path = runner.capture_graphs([session])
+            runner.start_session(session)
+            encoded = runner.encode_frames(frames[:16])
+            fill(runner, session, encoded, n_frames)
+            sampler = Sampler(SamplingConfig(), runner.suppressed_ids(), runner.vocab_size)
+
+            def step():
+                length, pos = session.kv_cache.length, session.next_pos
+                sampler.sample(runner.feed(session, [11])[None], [[]]).tolist()
+                session.kv_cache.length, session.next_pos = length, pos
+            step()
+            wall = time_steps(step, 10 if tiny else 100, device)[0]
+            encode = time_steps(lambda: runner.encode_frames(frames[:1]), 5, device)[0]
+            out[mode] = {'weight_bytes': runner.weight_bytes,
+                         'quantized_layers': runner.num_quantized_layers,
+                         'decode_path': path, 'decode_ms': wall, 'tokens_per_s': 1e3 / wall,
+                         'encode_frames_ms': encode}
+            if device.startswith('cuda'):
+                out[mode]['peak_memory_bytes'] = torch.cuda.max_memory_allocated()
+        except Exception as exc:  # noqa: BLE001 - a mode that cannot run here: why
+            out[mode] = {'error': f'{type(exc).__name__}: {exc}'[:400]}
+        print(f'   {mode}: {out[mode]}', flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- 7. baseline
 def stage_hf_generate(runner, model, frames, device, new_tokens):
     """Upstream-style baseline: stock transformers ``generate`` over the offline prompt with
     every frame re-encoded after the question. Halves the frame count on OOM and says so."""
@@ -634,11 +678,17 @@ def main(argv=None):
     parser.add_argument('--hf', action='store_true', help='also run transformers generate')
     parser.add_argument('--out', type=Path, default=RESULTS, help='folder of the JSON')
     parser.add_argument('--skip', default='', help='comma-separated stages to skip')
+    parser.add_argument('--only', default='', help='run just these stages (comma-separated)')
+    parser.add_argument('--quantization', default='none,int8,fp8,int4',
+                        help='modes of the quantization stage')
     ns = parser.parse_args(argv)
     device = 'cpu' if ns.tiny or not torch.cuda.is_available() else 'cuda'
     if not ns.tiny and device == 'cpu':
         raise SystemExit('no CUDA device: use --tiny for the CPU smoke run')
     skip = set(filter(None, ns.skip.split(',')))
+    stages = ('correctness', 'step', 'encode', 'engine', 'sessions', 'quantization')
+    if ns.only:
+        skip |= set(stages) - set(ns.only.split(','))
     frames_n = min(ns.frames, 16) if ns.tiny else ns.frames
     window = min(ns.window, 2.0) if ns.tiny else ns.window
     dtype = torch.float32 if device == 'cpu' else torch.bfloat16
@@ -651,6 +701,15 @@ def main(argv=None):
     report['transformers'] = transformers.__version__
     if 'correctness' not in skip:
         report.stage('correctness', stage_correctness, device, 1 if ns.tiny else 3)
+    if set(stages) - {'quantization'} <= skip:  # the quantization stage alone
+        report.path = ns.out / ('gpu_quant_tiny.json' if ns.tiny else 'gpu_quant.json')
+        frames = images(16, 112 if ns.tiny else 560)
+        report.stage('quantization', stage_quantization, ns.tiny, device, frames,
+                     ns.quantization.split(','), 16 if ns.tiny else 64)
+        report['wall_s'] = time.monotonic() - t_start
+        report.save()
+        print(f'wrote {report.path} in {report["wall_s"]:.0f} s')
+        return 0
     runner, model = build_runner(ns.tiny, device, dtype, max_frames=frames_n)
     report['build_s'] = time.monotonic() - t_start
     report['attn_implementation'] = runner.attn_implementation

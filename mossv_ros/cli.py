@@ -9,6 +9,7 @@ from pathlib import Path
 import sys
 from typing import List, Optional
 
+from .engine.config import QUANTIZATIONS
 from .model_dirs import default_model_dir
 
 
@@ -26,6 +27,8 @@ def cmd_run(ns) -> int:
         overrides.append(f'model.path:={ns.model}')
     if ns.device:
         overrides.append(f'engine.device:={ns.device}')
+    if ns.quantization:
+        overrides.append(f'model.quantization:={ns.quantization}')
     from .ros.main import main
     return main(args=[sys.argv[0]] + _ros_args(ns.params_file, overrides) + ns.ros_args)
 
@@ -54,7 +57,7 @@ def cmd_offline(ns) -> int:
         raise ValueError('give exactly one of --video PATH or --image PATH [--image PATH ...]')
     runner = ModelRunner(EngineConfig(  # device and dtype: 'auto' unless --device is given
         model_path=ns.model or str(default_model_dir()), device=ns.device or 'auto',
-        max_frames=ns.max_frames))
+        max_frames=ns.max_frames, quantization=ns.quantization or 'none'))
     if ns.video:
         frames, _ = read_video(ns.video, ns.fps, min(8, ns.max_frames), ns.max_frames)
     else:
@@ -178,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument('--params-file', help='ROS parameters YAML (default config/assistant.yaml)')
     run.add_argument('--model', help='checkpoint directory (overrides model.path)')
     run.add_argument('--device', help='auto, cpu, cuda or cuda:N (overrides engine.device)')
+    run.add_argument('--quantization', choices=QUANTIZATIONS,
+                     help='linear-layer weights (overrides model.quantization)')
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser('demo', help='the embedded default: a toyworld episode answered by '
                           'the shipped toyworld model')
@@ -255,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument('--video', help='video file, sampled at --fps')
     off.add_argument('--image', action='append', help='image file (repeatable)')
     off.add_argument('--model', help='checkpoint directory (default: shipped tiny model)')
+    off.add_argument('--quantization', choices=QUANTIZATIONS, default='none',
+                     help='linear-layer weights: none, int8, fp8 (CUDA 8.9+), int4 (CUDA)')
     off.add_argument('--device', help='auto, cpu, cuda or cuda:N (default auto: cuda when '
                      'available)')
     off.add_argument('--fps', type=_positive(float), default=1.0,

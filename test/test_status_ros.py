@@ -170,3 +170,36 @@ def test_an_inactive_node_reads_inactive_and_is_not_an_error(ros_context, tiny_c
         assert spin_until(probe, lambda: engine_says('ready', DiagnosticStatus.OK), 10)
     finally:
         teardown_assistant(executor, node, probe)
+
+
+def test_quantization_is_refused_or_reported(ros_context, tiny_checkpoint):
+    """Issue 27: a mode that cannot run here (int4 on the CPU) fails configure with the reason
+    and leaves the node unconfigured and answering; int8 loads, and Status and /diagnostics
+    report the quantization and the weights' bytes (less than the float model's)."""
+    pytest.importorskip('torchao')
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from mossv_ros.msg import Status
+    node, executor = assistant_in_process(ros_context, tiny_checkpoint,
+                                          **{'model.quantization': 'int4',
+                                             'diagnostics.period_sec': 0.2})
+    probe, got = _probe(ros_context)
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert node.lifecycle_state() == 'unconfigured' and node.engine is None
+        assert not node.intake.submit('anyone?', 'q')[0]
+        plain = {}
+        for mode in ('none', 'int8'):
+            node.set_parameters([Parameter('model.quantization', value=mode)])
+            assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+            assert spin_until(probe, lambda: got['status'] and got['status'][-1].quantization
+                              == mode, 10)
+            plain[mode] = got['status'][-1].weight_bytes
+            assert spin_until(probe, lambda: _part(got, 'model')[1].get('quantization')
+                              == mode, 10)
+            assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+        assert 0 < plain['int8'] < plain['none']
+        assert got['status'][-1].state in (Status.STATE_UNLOADED, Status.STATE_INACTIVE)
+    finally:
+        teardown_assistant(executor, node, probe)

@@ -84,6 +84,13 @@ def read_config(path: Path):
             f'(expected one of {MOSS_MODEL_TYPES})')
     if 'text_config' not in data or 'vision_config' not in data:
         raise CheckpointError(f'{cfg_file}: text_config and vision_config are required')
+    if data.get('quantization_config'):
+        method = data['quantization_config'].get('quant_method', '?') if isinstance(
+            data['quantization_config'], dict) else '?'
+        raise CheckpointError(
+            f'{cfg_file}: a quantized checkpoint ({method}); mossv_ros quantizes at load: point '
+            'model.path at the bfloat16 checkpoint and set model.quantization (int8, fp8, '
+            'int4)')
     pool_mode = data.get('pool_mode', 'average')
     if pool_mode != 'average':
         raise CheckpointError(f'{cfg_file}: pool_mode {pool_mode!r} unsupported (average only)')

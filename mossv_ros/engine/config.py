@@ -16,6 +16,8 @@ DEFAULT_CAMERA = 'default'
 MAX_CAMERAS = 16
 ATTN_IMPLEMENTATIONS = ('auto', 'eager', 'sdpa', 'flash_attention_2')
 CUDA_GRAPHS = ('auto', 'on', 'off')
+#: model.quantization values (engine/quantize.py)
+QUANTIZATIONS = ('none', 'int8', 'fp8', 'int4')
 EVICTION_POLICIES = ('sink_window', 'fifo')
 
 
@@ -97,6 +99,9 @@ class EngineConfig:
         :func:`resolve_device_dtype` when the model loads.
     :ivar attn_implementation: text self-attention and vision tower kernel; 'auto' picks
         FlashAttention-2 when ``flash_attn`` is installed and CUDA is used, SDPA otherwise.
+    :ivar quantization: weight-only quantization of the model's linear layers at load
+        ('none', 'int8', 'fp8' (CUDA, compute capability 8.9+), 'int4' (CUDA); torchao),
+        see :mod:`.quantize`.
     :ivar cuda_graphs: capture the text step and the frame encoder as CUDA graphs ('auto' =
         on with CUDA; 'on' warns and runs eagerly without CUDA; a failed capture runs eagerly
         with a warning and says so in Status).
@@ -137,6 +142,7 @@ class EngineConfig:
     device: str = 'auto'
     attn_implementation: str = 'auto'
     cuda_graphs: str = 'auto'
+    quantization: str = 'none'
     trust_remote_code: bool = False
     cpu_threads: int = 0
     frame_rate_hz: float = 1.0
@@ -168,6 +174,8 @@ class EngineConfig:
                    self.device, "'cuda:N' with N an integer")
         _check(self.attn_implementation in ATTN_IMPLEMENTATIONS, 'engine.attn_implementation',
                self.attn_implementation, f'one of {ATTN_IMPLEMENTATIONS}')
+        _check(self.quantization in QUANTIZATIONS, 'model.quantization', self.quantization,
+               f'one of {QUANTIZATIONS}')
         _check(self.cuda_graphs in CUDA_GRAPHS, 'engine.cuda_graphs', self.cuda_graphs,
                f'one of {CUDA_GRAPHS}')
         _check(0 <= self.cpu_threads <= 256, 'engine.cpu_threads', self.cpu_threads,

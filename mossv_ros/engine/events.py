@@ -223,6 +223,10 @@ class EngineStats:
     #: how the text step runs (``ModelRunner.capture_graphs``): 'cuda graphs (...)' or
     #: 'eager (<why>)'; '' before the model loads
     decode_path: str = ''
+    #: ``model.quantization`` in use ('' before the model loads) and the weights' bytes as
+    #: stored (quantized layers at their quantized size)
+    quantization: str = ''
+    weight_bytes: int = 0
     last_metrics: Optional[RoundMetrics] = None
     #: the newest frame in the vision cache (index, stamp, frame_id) of the default camera
     newest_frame: FrameRef = field(default_factory=FrameRef)

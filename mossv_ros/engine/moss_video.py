@@ -15,7 +15,11 @@ import torch
 from torch import nn
 from torch.nn.attention import sdpa_kernel, SDPBackend
 import torch.nn.functional as F
-from transformers.models.mllama.modeling_mllama import rotate_half
+
+from .quantize import quiet_torchao
+
+with quiet_torchao():  # (transformers' model code imports torchao when it is installed)
+    from transformers.models.mllama.modeling_mllama import rotate_half
 
 from .kv_cache import CachePool, cumulative_visibility
 from .preprocess import normalize_tiles

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import prompt as grammar
+from . import quantize
 from .budget import CacheBudget
 from .checkpoint import (
     CheckpointError,
@@ -103,6 +104,13 @@ def pick_attn_implementation(requested: str, device: str) -> str:
     return 'sdpa'
 
 
+def _capability(device: str):
+    """The CUDA device's compute capability, or None (the CPU)."""
+    if not device.startswith('cuda'):
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
 def _resolved(config: EngineConfig) -> EngineConfig:
     """A validated copy of ``config`` with a concrete device and dtype (the one rule:
     :func:`~.config.resolve_device_dtype`); the fallback from CUDA is logged as a warning."""
@@ -142,6 +150,7 @@ class ModelRunner:
         dtype = DTYPE_MAP[config.dtype]
         impl = pick_attn_implementation(config.attn_implementation, config.device)
         read_config(path)  # architecture check first: the clearest error for a wrong folder
+        quantize.check(config.quantization, config.device, _capability(config.device))
         tokenizer = load_tokenizer(path, config.trust_remote_code)
         hf_model, extras = load_hf_model(path, dtype, config.device, progress)
         self._setup(hf_model, tokenizer, impl, extras['pool_stride'])
@@ -159,6 +168,7 @@ class ModelRunner:
         text.rotary_emb = MllamaRotaryEmbedding(text.config).to(config.device)  # float32 table
         self = cls.__new__(cls)
         self.config = config
+        quantize.check(config.quantization, config.device, _capability(config.device))
         impl = pick_attn_implementation(config.attn_implementation, config.device)
         self._setup(hf_model, tokenizer, impl, pool_stride)
         return self
@@ -175,9 +185,14 @@ class ModelRunner:
         self.suppressed_ids = codec.suppressed_ids
         #: the one owner of the cache memory budget (:mod:`.budget`)
         self.budget = CacheBudget(config.max_memory_bytes, config.max_total_memory_bytes)
+        #: ``model.quantization`` in use, and the bytes of the weights as stored
+        self.quantization = config.quantization
+        self.num_quantized_layers = quantize.apply(hf_model, config.quantization)
+        self.weight_bytes = quantize.weight_bytes(hf_model)
         self.model = MossVideoModel(hf_model, impl, pool_stride)
-        if config.device.startswith('cuda'):
-            self.model.fuse_projections()  # fewer, larger kernels per step (section 10.3)
+        if config.device.startswith('cuda') and config.quantization == 'none':
+            # fewer, larger kernels per step (section 10.3); quantized weights stay per layer
+            self.model.fuse_projections()
         self.attn_implementation = impl
         self.tile_px = self.model.vision_config.image_size
         self.vocab_size = self.model.text_config.vocab_size

@@ -20,6 +20,9 @@ def collect(engine) -> EngineStats:
                     longest_frame_gap_sec=totals.longest_frame_gap_sec,
                     num_stamp_outliers=totals.num_stamp_outliers,
                     last_error=engine.last_error, decode_path=engine.decode_path)
+    runner = engine.runner
+    if runner is not None and engine.cameras():
+        s.quantization, s.weight_bytes = runner.quantization, runner.weight_bytes
     cams = {cam.name: cam for cam in engine.cameras()}
     for name in engine.config.cameras:
         counts = per.get(name)

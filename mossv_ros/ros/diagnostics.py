@@ -62,7 +62,8 @@ def diagnostic_array(node_name: str, stamp, model: Dict[str, str], stats: ev.Eng
         level, message = OK, 'loaded'
     statuses.append(_status(f'{node_name}: model', level, message, [
         ('loaded', loaded), ('path', model.get('path', '')), ('device', model.get('device', '')),
-        ('dtype', model.get('dtype', '')), ('attention', model.get('attention', ''))]))
+        ('dtype', model.get('dtype', '')), ('attention', model.get('attention', '')),
+        ('quantization', stats.quantization), ('weight_bytes', stats.weight_bytes)]))
     m = stats.last_metrics or ev.RoundMetrics()
     engine_level = ERROR if state == 'error' else (OK if state in ('ready', 'inactive')
                                                    else WARN)

@@ -13,6 +13,7 @@ from ..engine.config import EngineConfig, LIVE_FIELDS, SamplingConfig
 PARAM_TO_FIELD = {
     'model.path': 'model_path',
     'model.trust_remote_code': 'trust_remote_code',
+    'model.quantization': 'quantization',
     'engine.dtype': 'dtype',
     'engine.device': 'device',
     'engine.attn_implementation': 'attn_implementation',
