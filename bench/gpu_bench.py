@@ -433,9 +433,9 @@ def stage_encode(runner, frames, device):
         host.append(time.perf_counter() - t0)
     out['host_letterbox_ms'] = median(host) * 1e3
     tile = letterbox(picture, runner.tile_px)
-    graph = runner.encoder_graph
+    graph = runner.frames.graph
     if graph is not None:  # on the encoder stream: wall time of a synchronised replay
-        stream = runner.encoder_stream
+        stream = runner.frames.stream
         with torch.cuda.stream(stream):
             graph.encode(tile)
         out['device_encode_graph_ms'] = time_steps(

@@ -129,3 +129,53 @@ def test_ruff_lint_clean():
     result = subprocess.run([sys.executable, '-m', 'ruff', 'check', str(ROOT)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+#: the house rules of the split by job (README Design): ROS modules as glue, engine classes
+#: a newcomer can read, ROS callbacks that hand work on
+MAX_ROS_FILE_LINES, MAX_ENGINE_CLASS_LINES, MAX_CALLBACK_LINES = 300, 300, 25
+_CREATE = ('create_subscription', 'create_timer', 'create_service', 'create_guard_condition',
+           'ActionServer')
+
+
+def callbacks(tree: ast.Module) -> list:
+    """Functions of a ROS module that rclpy calls: lifecycle transitions and handlers
+    (``on_*``, ``_on_*``), the decorated ones (``never_raises``, ``logged_transition``) and
+    every ``self.<method>`` handed to a ``create_*`` call or an ActionServer."""
+    handed = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, 'attr',
+                                                  getattr(node.func, 'id', None)) in _CREATE:
+            for arg in list(node.args) + [k.value for k in node.keywords]:
+                if isinstance(arg, ast.Attribute) and isinstance(arg.value, ast.Name):
+                    handed.add(arg.attr)
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef):
+            decorated = {getattr(d, 'id', '') for d in node.decorator_list}
+            if (node.name.startswith(('on_', '_on_')) or node.name in handed
+                    or decorated & {'never_raises', 'logged_transition'}):
+                out.append(node)
+    return out
+
+
+def test_house_sizes():
+    ros = ROOT / 'mossv_ros' / 'ros'
+    long_files = [(p.name, n) for p in ros.glob('*.py')
+                  if (n := len(p.read_text().splitlines())) > MAX_ROS_FILE_LINES]
+    long_classes = [(p.name, c.name, c.end_lineno - c.lineno + 1) for p in ENGINE.glob('*.py')
+                    for c in ast.walk(ast.parse(p.read_text()))
+                    if isinstance(c, ast.ClassDef)
+                    and c.end_lineno - c.lineno + 1 > MAX_ENGINE_CLASS_LINES]
+    found = [(p.name, f.name, f.end_lineno - f.lineno + 1) for p in ros.glob('*.py')
+             for f in callbacks(ast.parse(p.read_text()))]
+    assert len(found) >= 15  # the rule finds the node's callbacks
+    long_callbacks = [c for c in found if c[2] > MAX_CALLBACK_LINES]
+    assert (long_files, long_classes, long_callbacks) == ([], [], [])
+
+
+def test_callback_finder_sees_handed_methods():
+    tree = ast.parse('class N:\n    def __init__(self):\n'
+                     '        self.create_timer(1.0, self.tick)\n'
+                     '    def tick(self):\n        pass\n    def helper(self):\n        pass\n')
+    assert [f.name for f in callbacks(tree)] == ['tick']

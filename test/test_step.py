@@ -331,7 +331,7 @@ def test_failed_graph_capture_runs_eagerly_and_says_so(tiny_checkpoint, monkeypa
     assert path.startswith('eager (capture failed: RuntimeError') and ok
     assert len(finals) == 1
     assert any('CUDA graph capture failed' in r.getMessage() for r in records)
-    assert engine.runner.encoder_graph is None and engine.session.pool.graphs is None
+    assert engine.runner.frames.graph is None and engine.session.pool.graphs is None
 
 
 def test_cpu_runs_eagerly_and_says_so(tiny_runner):

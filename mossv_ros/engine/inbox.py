@@ -57,6 +57,14 @@ class InboxCounts:
     num_questions_cancelled: int = 0  # waiting questions superseded or cancelled
     longest_frame_gap_sec: float = 0.0
 
+    def add_frames(self, other: 'InboxCounts') -> None:
+        """Add ``other``'s frame counters (a camera's) to these (the totals)."""
+        for name in ('num_frames_received', 'num_frames_encoded', 'num_dropped_frames',
+                     'num_stamp_outliers'):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.longest_frame_gap_sec = max(self.longest_frame_gap_sec,
+                                         other.longest_frame_gap_sec)
+
 
 #: :meth:`Inbox.admit` verdicts: feed the frame; hold it (its stamp is off the timeline: the
 #: next frame tells whether it starts a new one); skip it (subsampled or unusable)
@@ -90,6 +98,16 @@ class Item:
     control: Optional[Tuple[Control, Optional[str], Any]] = None
     question: Optional[Question] = None
     frame: Optional[Tuple[Frame, Any]] = None  # (frame, its encoded frame from the runner)
+
+
+def _drop_oldest(queue: deque, camera: str, frame_of, limit: int) -> bool:
+    """With ``limit`` frames of ``camera`` in ``queue`` (``max_frame_queue``): drop its oldest.
+    :returns: True when one was dropped."""
+    mine = [x for x in queue if frame_of(x).camera == camera]
+    if len(mine) < limit:
+        return False
+    queue.remove(mine[0])
+    return True
 
 
 class Inbox:
@@ -221,19 +239,12 @@ class Inbox:
 
     def _queue(self, cam: _CameraInput, frame: Frame) -> None:
         frame.epoch = cam.epoch
-        if self._drop_oldest(self._frames, frame.camera, lambda f: f):
+        if _drop_oldest(self._frames, frame.camera, lambda f: f,
+                        self.config.max_frame_queue):
             cam.counts.num_dropped_frames += 1
         self._frames.append(frame)
         cam.counts.num_frames_received += 1
         self.cv.notify_all()
-
-    def _drop_oldest(self, queue: deque, camera: str, frame_of) -> bool:
-        """Past ``max_frame_queue`` frames of ``camera`` in ``queue``: drop its oldest."""
-        mine = [x for x in queue if frame_of(x).camera == camera]
-        if len(mine) < self.config.max_frame_queue:
-            return False
-        queue.remove(mine[0])
-        return True
 
     def topic_stamps(self) -> dict:
         """{topic: its newest stamp, seconds} of every camera topic seen."""
@@ -294,7 +305,8 @@ class Inbox:
             if encoded is None or frame.epoch < cam.epoch:  # unencodable, or of an old session
                 counts.num_dropped_frames += 1
             else:
-                if self._drop_oldest(self._ready, frame.camera, lambda item: item[0]):
+                if _drop_oldest(self._ready, frame.camera, lambda item: item[0],
+                                self.config.max_frame_queue):
                     counts.num_dropped_frames += 1
                 self._ready.append((frame, encoded))
                 counts.num_frames_encoded += 1
@@ -390,10 +402,5 @@ class Inbox:
             per = {name: InboxCounts(**vars(c.counts)) for name, c in self._cams.items()}
             total = InboxCounts(**vars(self.counts))
             for c in per.values():
-                total.num_frames_received += c.num_frames_received
-                total.num_frames_encoded += c.num_frames_encoded
-                total.num_dropped_frames += c.num_dropped_frames
-                total.num_stamp_outliers += c.num_stamp_outliers
-                total.longest_frame_gap_sec = max(total.longest_frame_gap_sec,
-                                                  c.longest_frame_gap_sec)
+                total.add_frames(c)
             return total, per

@@ -1,19 +1,18 @@
 """The MOSS-Video-Preview forward on top of transformers' stock Mllama modules.
 
-Everything MOSS changes relative to stock Llama-3.2-Vision lives here (docs/model.md section 4):
-one 560x560 tile per frame, a vision tower with full unmasked attention over the padded tokens
-and 4.46 intermediate-layer semantics, CLS + 4x4 average pooling (101 tokens per frame at 11B),
-RoPE on cross-attention (query at its text position, key at the frame's ``<|image|>``
-position, q normed then rotated, k rotated then normed), cumulative visibility, and rows with no
-visible frame skipping the cross layers. The weights and sub-modules (Linear, RMSNorm, MLP,
-rotary table, vision encoder layers) are the stock ``MllamaForConditionalGeneration`` ones.
+Everything MOSS changes relative to stock Llama-3.2-Vision lives here and in the vision path
+(:mod:`.vision`) (docs/model.md section 4): one 560x560 tile per frame, a vision tower with full
+unmasked attention over the padded tokens and 4.46 intermediate-layer semantics, CLS + 4x4
+average pooling (101 tokens per frame at 11B), RoPE on cross-attention (query at its text
+position, key at the frame's ``<|image|>`` position, q normed then rotated, k rotated then
+normed), cumulative visibility, and rows with no visible frame skipping the cross layers. The
+weights and sub-modules (Linear, RMSNorm, MLP, rotary table, vision encoder layers) are the
+stock ``MllamaForConditionalGeneration`` ones.
 """
-import inspect
 from typing import Optional
 
 import torch
 from torch import nn
-from torch.nn.attention import sdpa_kernel, SDPBackend
 import torch.nn.functional as F
 
 from .quantize import quiet_torchao
@@ -21,9 +20,10 @@ from .quantize import quiet_torchao
 with quiet_torchao():  # (transformers' model code imports torchao when it is installed)
     from transformers.models.mllama.modeling_mllama import rotate_half
 
+from .attention import attend, SDPA_BACKENDS
 from .kv_cache import CachePool, cumulative_visibility
-from .preprocess import normalize_tiles
 from .step import StepShape, unpack
+from .vision import VisionPath
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -58,57 +58,7 @@ def normed_cross_keys(cross_attn: nn.Module, keys: torch.Tensor, cos: torch.Tens
     return cross_attn.k_norm(rotate(keys, cos, sin))
 
 
-#: SDPA backends of every call site: all but cuDNN, which PyTorch prefers on Hopper and
-#: which re-plans for every new key length (docs/model.md section 10.3); flash takes no mask
-#: and steps aside for the memory-efficient kernel on CUDA, math is the last resort
-SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-#: query rows per KV head (query heads x tokens) up to which attention runs as two matmuls
-#: and a float32 softmax: a decode step's handful of rows gives SDPA's kernels too little to
-#: spread over the GPU (H200, 11B, 256 frames cached, CUDA graph: 9.2 ms per step against 22.4
-#: with the memory-efficient kernel, bench/results/gpu.json); longer prefills take SDPA
-MATMUL_MAX_ROWS = 32
-#: the backends' order is a preference where this PyTorch takes one (``set_priority``)
-_PRIORITY = ({'set_priority': True}
-             if 'set_priority' in inspect.signature(sdpa_kernel).parameters else {})
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, impl: str,
-           scaling: float, backends=SDPA_BACKENDS) -> torch.Tensor:
-    """Masked multi-head attention with grouped KV heads, static shapes.
-
-    The query heads that share a KV head are folded into the query length, so the keys are
-    read once per KV head and any SDPA kernel that takes a mask serves grouped heads.
-
-    :param q: (batch, num_heads, q_len, head_dim).
-    :param k: (batch, num_kv_heads, k_len, head_dim); ``v`` likewise.
-    :param mask: bool (batch, 1, q_len, k_len), True = attend; every row attends somewhere.
-    :param impl: 'eager' (matmuls, fp32 softmax) or any other value for SDPA, except for
-        CUDA steps of at most :data:`MATMUL_MAX_ROWS` query rows per KV head (decode), which
-        take the matmuls too (on the CPU SDPA's kernel is the faster there).
-    :param backends: the SDPA backends allowed, in order (default :data:`SDPA_BACKENDS`).
-    :returns: (batch, q_len, num_heads, head_dim).
-    """
-    b, heads, q_len, head_dim = q.shape
-    kv_heads = k.shape[1]
-    rep = heads // kv_heads
-    q = q.reshape(b, kv_heads, rep * q_len, head_dim)  # head g * rep + r -> row r * q_len + i
-    if rep > 1 and q_len > 1:
-        mask = mask[:, :, None].expand(b, 1, rep, q_len, mask.shape[-1]).reshape(
-            b, 1, rep * q_len, mask.shape[-1])
-    if impl == 'eager' or (q.is_cuda and rep * q_len <= MATMUL_MAX_ROWS):
-        weights = torch.matmul(q, k.transpose(2, 3)) * scaling  # (b, kv_heads, rep * q, k)
-        weights = weights.masked_fill(~mask, torch.finfo(weights.dtype).min)
-        weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(weights, v)
-    elif q.is_cuda:  # (the CPU has no cuDNN kernel to avoid: no context to enter there)
-        with sdpa_kernel(backends, **_PRIORITY):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
-    return out.reshape(b, heads, q_len, head_dim).transpose(1, 2)
-
-
-class MossVideoModel(nn.Module):
+class MossVideoModel(VisionPath, nn.Module):
     """MOSS forward driving the sub-modules of a stock ``MllamaForConditionalGeneration``.
 
     :param hf_model: a loaded ``MllamaForConditionalGeneration`` (weights, dtype, device set).
@@ -163,104 +113,6 @@ class MossVideoModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
-
-    # ------------------------------------------------------------------ vision path
-    def _tile_embedding(self, module: nn.Module) -> torch.Tensor:
-        """Pre/post tile embedding of tile 0 of aspect-ratio id 1, gated: shape (hidden,)."""
-        emb = module.embedding.weight[1].view(module.max_num_tiles, module.hidden_size)[0]
-        return emb * module.gate.tanh() if module.is_gated else emb
-
-    @torch.no_grad()
-    def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Encode frames into cross-attention states (docs/model.md section 4.2).
-
-        :param pixel_values: float tensor (num_frames, 3, image_size, image_size), RGB,
-            CLIP-normalized, one tile per frame.
-        :returns: ``cross_attention_states`` of shape (num_frames, tokens_per_frame, hidden),
-            model dtype.
-        """
-        return self.projector(self.pool(self.vision_features(pixel_values)))
-
-    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision tower with MOSS semantics: 1 tile, pads attended, 4.46 intermediates.
-        Differentiable (toyworld training); inference goes through :meth:`encode_vision`.
-
-        :returns: (num_frames, num_patches + 1, vision_output_dim): the global encoder output
-            followed by the intermediate states interleaved per channel (docs/model.md
-            section 4.2 step 4).
-        """
-        vm = self.vision
-        x = vm.patch_embedding(pixel_values.to(self.device, vm.patch_embedding.weight.dtype))
-        x = x.flatten(2).transpose(1, 2)  # (N, P, D)
-        x = x + self._tile_embedding(vm.pre_tile_positional_embedding)
-        x = vm.apply_class_embedding(x)  # (N, P + 1, D)
-        pos = vm.gated_positional_embedding
-        gate = pos.gate.tanh()
-        tile_pos = pos.tile_embedding.weight[1].view(pos.max_num_tiles, pos.num_patches, -1)[0]
-        x = x + (1 - gate) * pos.embedding + gate * tile_pos
-        x = vm.layernorm_pre(x)
-        num_tokens = x.shape[1]
-        num_pad = (8 - num_tokens % 8) % 8
-        x = F.pad(x, (0, 0, 0, num_pad))  # zero pads after layernorm_pre, attended (no mask)
-        wanted = list(vm.intermediate_layers_indices)
-        states = {}
-        for i, layer in enumerate(vm.transformer.layers):
-            if i in wanted:
-                states[i] = x  # index i = the input of local layer i (section 4.2 step 4)
-            x = layer(x, attention_mask=None)
-        if len(vm.transformer.layers) in wanted:
-            states[len(vm.transformer.layers)] = x
-        x = vm.layernorm_post(x)
-        x = x + self._tile_embedding(vm.post_tile_positional_embedding)
-        for layer in vm.global_transformer.layers:
-            x = layer(x, attention_mask=None)
-        x = x[:, :num_tokens]  # drop pads: (N, P + 1, D)
-        inter = torch.stack([states[i] for i in wanted], dim=-1)[:, :num_tokens]  # (N,P+1,D,k)
-        return torch.cat([x, inter.flatten(2)], dim=-1)  # (N, P + 1, D * (1 + k))
-
-    def pool(self, feats: torch.Tensor) -> torch.Tensor:
-        """CLS + average pool (kernel = stride) of the patch grid, row-major, CLS first.
-
-        :param feats: (N, grid * grid + 1, C). :returns: (N, tokens_per_frame, C).
-        """
-        num_frames, _, channels = feats.shape
-        cls, patches = feats[:, :1], feats[:, 1:]
-        grid = self.patch_grid
-        patches = patches.reshape(num_frames, grid, grid, channels).permute(0, 3, 1, 2)
-        pooled = F.avg_pool2d(patches, self.pool_stride)  # (N, C, grid/s, grid/s)
-        pooled = pooled.flatten(2).transpose(1, 2)  # (N, (grid/s)^2, C), row-major
-        return torch.cat([cls, pooled], dim=1)
-
-    @torch.no_grad()
-    def cross_kv(self, cross_attention_states: torch.Tensor):
-        """Project vision states into per-layer cross K/V, before RoPE and k_norm.
-
-        :param cross_attention_states: (num_frames, tokens_per_frame, hidden).
-        :returns: (keys, values), each (num_cross_layers, num_frames, num_kv_heads,
-            tokens_per_frame, head_dim).
-        """
-        n, t, _ = cross_attention_states.shape
-        keys, values = [], []
-        for layer_id in self.cross_layer_ids:
-            attn = self.text.layers[layer_id].cross_attn
-            k = attn.k_proj(cross_attention_states).view(n, t, self.num_kv_heads, self.head_dim)
-            v = attn.v_proj(cross_attention_states).view(n, t, self.num_kv_heads, self.head_dim)
-            keys.append(k.transpose(1, 2))
-            values.append(v.transpose(1, 2))
-        return torch.stack(keys), torch.stack(values)
-
-    @torch.no_grad()
-    def encode_tiles(self, tiles: torch.Tensor):
-        """Letterboxed uint8 tiles -> raw cross K/V of every cross layer: normalization
-        (:func:`~.preprocess.normalize_tiles`), vision tower, pooling, projector and k/v
-        projections, on the model's device with device arithmetic only (the encoder's CUDA
-        graph captures it).
-
-        :param tiles: uint8 (num_frames, image_size, image_size, 3), RGB, on the device.
-        :returns: (keys, values) as :meth:`cross_kv`.
-        """
-        with sdpa_kernel(SDPA_BACKENDS):
-            return self.cross_kv(self.encode_vision(normalize_tiles(tiles)))
 
     def rope_table(self):
         """(cos, sin), each (max_position_embeddings, head_dim) in the model dtype on its

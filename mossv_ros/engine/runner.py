@@ -4,16 +4,14 @@ A :class:`Session` holds one stream's caches (text KV cache, vision cache) and i
 position; the runner's methods act on a session. No threads here (see :mod:`.engine`).
 """
 import dataclasses
-from dataclasses import dataclass
 import logging
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from . import prompt as grammar
-from . import quantize
+from . import quantize, step
 from .budget import CacheBudget
 from .checkpoint import (
     CheckpointError,
@@ -23,30 +21,14 @@ from .checkpoint import (
     read_config,
 )
 from .config import EngineConfig, resolve_device_dtype
+from .frames import EncodedFrame, FrameEncoder
 from .kv_cache import CachePool
 from .moss_video import MossVideoModel
-from .preprocess import letterbox, normalize_tiles
-from .step import build_metadata, eager_shape, RowInput, to_device
 from .tokens import TokenCodec
 
 log = logging.getLogger(__name__)
 #: Text-context tokens that must stay free after the session prompt (questions, answers).
 MIN_FREE_CONTEXT = 256
-
-
-@dataclass
-class EncodedFrame:
-    """A frame after the vision tower, projector and cross k/v projections.
-
-    :ivar keys: (num_cross_layers, num_kv_heads, T, head_dim), before RoPE and k_norm; on
-        CUDA made on the encoder stream, and complete (:meth:`ModelRunner.encode_frames`
-        returns once the encode has run).
-    :ivar values: same shape.
-    """
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    frame_index: int = -1
 
 
 class Session:
@@ -194,12 +176,14 @@ class ModelRunner:
             # fewer, larger kernels per step (section 10.3); quantized weights stay per layer
             self.model.fuse_projections()
         self.attn_implementation = impl
-        self.tile_px = self.model.vision_config.image_size
+        #: frames into cross-attention K/V (:mod:`.frames`); ``tiles``, ``pixel_values``
+        #: and ``encode_frames`` are its methods
+        self.frames = FrameEncoder(self.model, config.device)
+        self.tile_px = self.frames.tile_px
+        self.tiles, self.pixel_values = self.frames.tiles, self.frames.pixel_values
+        self.encode_frames = self.frames.encode
         self.vocab_size = self.model.text_config.vocab_size
         self.max_positions = self.model.text_config.max_position_embeddings
-        self.encoder_stream = (torch.cuda.Stream(device=config.device)
-                               if config.device.startswith('cuda') else None)
-        self.encoder_graph = None  # graphs.EncoderGraph once captured
         if self.special.image < self.vocab_size:
             log.warning('<|image|> id %d is generable (vocab %d)', self.special.image,
                         self.vocab_size)
@@ -238,15 +222,14 @@ class ModelRunner:
                 log.warning('engine.cuda_graphs=on needs CUDA; running eagerly on %s',
                             self.config.device)
             return f'eager ({self.config.device})'
-        from .graphs import EncoderGraph, StepGraphs
+        from .graphs import StepGraphs
 
         pool = sessions[0].pool
         try:
             graphs = StepGraphs(self.model, pool)
             graphs.capture()
             pool.graphs = graphs
-            if self.encoder_graph is None:
-                self.encoder_graph = EncoderGraph(self.model, self.tile_px)
+            self.frames.capture_graph()
         except Exception as exc:  # noqa: BLE001 - any capture failure: eager, say why
             pool.graphs = None
             log.warning('CUDA graph capture failed, running eagerly: %s: %s',
@@ -254,49 +237,7 @@ class ModelRunner:
             return f'eager (capture failed: {type(exc).__name__}: {exc})'[:200]
         return f'cuda graphs ({graphs.num_graphs} steps + encoder)'
 
-    # ------------------------------------------------------------------ vision
-    def tiles(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """RGB uint8 images -> letterboxed uint8 tiles (N, tile, tile, 3) on the host (the
-        processor's resize and pad, :func:`~.preprocess.letterbox`)."""
-        return np.stack([letterbox(im, self.tile_px) for im in images])
-
-    def pixel_values(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """RGB uint8 images -> normalized tensor (N, 3, tile, tile) on the model device, in the
-        model dtype (the stock processor's output, docs/model.md section 4.2 step 1)."""
-        tiles = torch.from_numpy(self.tiles(images)).to(self.model.device)
-        return normalize_tiles(tiles).to(self.model.dtype)
-
-    @torch.no_grad()
-    def encode_frames(self, images: Sequence[np.ndarray]) -> List[EncodedFrame]:
-        """Letterbox on the host, then normalization, vision tower, pooling, projector and
-        cross k/v on the device, for a chunk of frames.
-
-        On CUDA the device work runs on the runner's encoder stream (replaying the encoder's
-        CUDA graph when captured), beside decoding on the default stream, and this call
-        returns once it has completed: an engine inserts only finished frames and its decode
-        never waits for the encoder (docs/model.md section 10.4).
-        """
-        tiles = self.tiles(images)
-        if self.encoder_stream is None:
-            return self._split(*self.model.encode_tiles(torch.from_numpy(tiles)))
-        with torch.cuda.stream(self.encoder_stream):
-            if self.encoder_graph is not None:
-                frames = [self._split(*self.encoder_graph.encode(tile))[0] for tile in tiles]
-            else:
-                device_tiles = torch.from_numpy(tiles).pin_memory().to(self.model.device,
-                                                                       non_blocking=True)
-                frames = self._split(*self.model.encode_tiles(device_tiles))
-            done = torch.cuda.Event()
-            done.record(self.encoder_stream)
-        done.synchronize()  # this (encoder) thread waits, not the decode stream
-        return frames
-
-    @staticmethod
-    def _split(keys: torch.Tensor, values: torch.Tensor) -> List[EncodedFrame]:
-        """(L, N, kv_heads, T, hd) keys and values -> one EncodedFrame per frame."""
-        return [EncodedFrame(keys[:, i].contiguous(), values[:, i].contiguous())
-                for i in range(keys.shape[1])]
-
+    # ------------------------------------------------------------------ vision cache
     def insert_frame(self, session: Session, frame: EncodedFrame, position: int,
                      frame_index: int) -> Optional[int]:
         """Put an encoded frame into the vision cache at ``<|image|>`` position ``position``.
@@ -353,12 +294,12 @@ class ModelRunner:
                 raise ValueError(f'token {offset} is not <|image|>')
             self.insert_frame(session, frame, start + offset, frame.frame_index)
         try:
-            logits = self._step([session], [list(token_ids)], all_logits)
+            logits = step.run(self.model, [session], [list(token_ids)], all_logits)
         except torch.OutOfMemoryError:
             # Nothing was committed (the KV cache length moves only after a full forward):
             # evict frames, cap the cache below where it failed, retry once.
             self._recover_from_oom(session)
-            logits = self._step([session], [list(token_ids)], all_logits)
+            logits = step.run(self.model, [session], [list(token_ids)], all_logits)
         session.next_pos += n
         return logits[0]
 
@@ -380,65 +321,13 @@ class ModelRunner:
         for session in sessions:
             self._make_room(session, 1)
         try:
-            logits = self._step(list(sessions), [[t] for t in token_ids])
+            logits = step.run(self.model, list(sessions), [[t] for t in token_ids])
         except torch.OutOfMemoryError:
             # nothing was committed: each session alone, with its own OOM recovery
             return torch.stack([self.feed(s, [t]) for s, t in zip(sessions, token_ids)])
         for session in sessions:
             session.next_pos += 1
         return logits
-
-    def _step(self, sessions: List[Session], tokens, all_logits: bool = False) -> torch.Tensor:
-        """Run the text step for ``sessions`` (a token list each): a captured graph when the
-        pool has one that fits, else eagerly. Commits the written rows.
-        :returns: logits (len(sessions), [tokens,] vocab)."""
-        pool = sessions[0].pool
-        graphs = pool.graphs
-        if graphs is not None and not all_logits:
-            if all(len(t) == 1 for t in tokens):
-                shape = graphs.decode_shape(len(sessions), max(
-                    s.vision_cache.high_water for s in sessions))
-                if shape is not None:
-                    return self._replay(graphs, shape, sessions, tokens)
-            elif len(sessions) == 1 and graphs.prefill_shape(len(tokens[0])) is not None:
-                ids, out, done = tokens[0], None, 0
-                while done < len(ids):  # chunks of the longest captured length, padded
-                    shape = graphs.prefill_shape(len(ids) - done)
-                    chunk = ids[done:done + shape.tokens]
-                    out = self._replay(graphs, shape, sessions, [chunk], offset=done)
-                    done += len(chunk)
-                return out
-        inputs = self._row_inputs(sessions, tokens)
-        high_water = max(s.vision_cache.high_water for s in sessions)
-        shape = eager_shape(pool, inputs, high_water, last_only=not all_logits)
-        meta, where = build_metadata(shape, pool, inputs)
-        out = self.model.forward_step(pool, to_device(meta, pool.device), shape)
-        return self._commit(sessions, tokens, out, where, copy=False)
-
-    def _replay(self, graphs, shape, sessions, tokens, offset: int = 0) -> torch.Tensor:
-        meta, where = build_metadata(shape, sessions[0].pool,
-                                     self._row_inputs(sessions, tokens, offset))
-        return self._commit(sessions, tokens, graphs.replay(shape, meta), where, copy=True)
-
-    @staticmethod
-    def _row_inputs(sessions, tokens, offset: int = 0) -> List[RowInput]:
-        """Each session's part of a step whose tokens start ``offset`` tokens after its next
-        position (a later chunk of a prefill)."""
-        return [RowInput(s.row, ids, s.next_pos + offset, s.kv_cache.write_indices(len(ids)),
-                         s.vision_cache.frame_positions(s.vision_cache.capacity))
-                for s, ids in zip(sessions, tokens)]
-
-    @staticmethod
-    def _commit(sessions, tokens, out: torch.Tensor, where: List[int],
-                copy: bool) -> torch.Tensor:
-        """Advance each session's cache length; the rows of ``out`` in session order (with
-        ``copy`` a new tensor: a graph's output buffer is overwritten by its next replay)."""
-        for session, ids in zip(sessions, tokens):
-            session.kv_cache.commit(len(ids))
-        first = where[0]
-        if not copy and where == list(range(first, first + len(where))):
-            return out[first:first + len(where)]
-        return torch.stack([out[i] for i in where])
 
     def _recover_from_oom(self, session: Session) -> None:
         """Device out of memory during a forward: evict half the cached frames (eviction

@@ -171,6 +171,64 @@ def unpack(meta: torch.Tensor, shape: StepShape) -> StepTensors:
                        meta[:, 3 * q + 1:])
 
 
+
+def run(model, sessions: Sequence, tokens: Sequence[Sequence[int]],
+        all_logits: bool = False) -> torch.Tensor:
+    """Run one text step for ``sessions`` (:class:`~.runner.Session` rows of one pool, a token
+    list each): a captured graph of the pool (:mod:`.graphs`) when one fits, else eagerly
+    with ``model`` (:meth:`~.moss_video.MossVideoModel.forward_step`). Commits the written
+    rows (each session's text-cache length moves only here, after a full forward).
+
+    :returns: float32 logits (len(sessions), vocab), or (len(sessions), tokens, vocab) with
+        ``all_logits``, on the model device.
+    """
+    pool = sessions[0].pool
+    graphs = pool.graphs
+    if graphs is not None and not all_logits:
+        if all(len(t) == 1 for t in tokens):
+            shape = graphs.decode_shape(len(sessions), max(
+                s.vision_cache.high_water for s in sessions))
+            if shape is not None:
+                return _replay(graphs, shape, sessions, tokens)
+        elif len(sessions) == 1 and graphs.prefill_shape(len(tokens[0])) is not None:
+            ids, out, done = tokens[0], None, 0
+            while done < len(ids):  # chunks of the longest captured length, padded
+                shape = graphs.prefill_shape(len(ids) - done)
+                chunk = ids[done:done + shape.tokens]
+                out = _replay(graphs, shape, sessions, [chunk], offset=done)
+                done += len(chunk)
+            return out
+    inputs = _row_inputs(sessions, tokens)
+    high_water = max(s.vision_cache.high_water for s in sessions)
+    shape = eager_shape(pool, inputs, high_water, last_only=not all_logits)
+    meta, where = build_metadata(shape, pool, inputs)
+    out = model.forward_step(pool, to_device(meta, pool.device), shape)
+    return _commit(sessions, tokens, out, where, copy=False)
+
+
+def _replay(graphs, shape: StepShape, sessions, tokens, offset: int = 0) -> torch.Tensor:
+    meta, where = build_metadata(shape, sessions[0].pool, _row_inputs(sessions, tokens, offset))
+    return _commit(sessions, tokens, graphs.replay(shape, meta), where, copy=True)
+
+
+def _row_inputs(sessions, tokens, offset: int = 0) -> List[RowInput]:
+    """Each session's part of a step whose tokens start ``offset`` tokens after its next
+    position (a later chunk of a prefill)."""
+    return [RowInput(s.row, ids, s.next_pos + offset, s.kv_cache.write_indices(len(ids)),
+                     s.vision_cache.frame_positions(s.vision_cache.capacity))
+            for s, ids in zip(sessions, tokens)]
+
+
+def _commit(sessions, tokens, out: torch.Tensor, where: List[int], copy: bool) -> torch.Tensor:
+    """Advance each session's cache length; the rows of ``out`` in session order (with
+    ``copy`` a new tensor: a graph's output buffer is overwritten by its next replay)."""
+    for session, ids in zip(sessions, tokens):
+        session.kv_cache.commit(len(ids))
+    first = where[0]
+    if not copy and where == list(range(first, first + len(where))):
+        return out[first:first + len(where)]
+    return torch.stack([out[i] for i in where])
+
 #: what reads a tensor's values back to the host
 _HOST_READS = ('__array__', 'numpy', 'item', 'tolist', '__bool__', '__int__', '__float__',
                '__index__')

@@ -124,11 +124,7 @@ class CameraIngest:
         try:
             rgb = to_rgb(msg)
         except convert.ImageError as exc:
-            self.num_invalid += 1
-            counts.invalid += 1
-            self._warnings.set(f'invalid:{topic}:{exc.kind}', (
-                f'skipped image on {topic} ({exc.kind}): {exc} [{counts.invalid} invalid so '
-                'far]'), recurring=True)
+            self._invalid(topic, counts, exc)
             return
         engine.submit_frame(ev.Frame(rgb, stamp, msg.header.frame_id), stamp_sec=stamp_sec,
                             admitted=verdict, camera=camera, topic=topic)
@@ -160,26 +156,42 @@ class CameraIngest:
             'arrives; with a best-effort camera set qos.image_reliability:=best_effort'))
 
     # ------------------------------------------------------------------ the graph
+    def _invalid(self, topic: str, counts: 'TopicCounts', exc) -> None:
+        """A malformed image: counted and skipped, with a warning that names the cause."""
+        self.num_invalid += 1
+        counts.invalid += 1
+        self._warnings.set(f'invalid:{topic}:{exc.kind}', (
+            f'skipped image on {topic} ({exc.kind}): {exc} [{counts.invalid} invalid so far]'),
+            recurring=True)
+
+    def _quiet(self, topic: str, now: float) -> bool:
+        """No image on ``topic`` for :data:`NO_FRAME_WARNING_SEC`, nor since activation."""
+        counts = self._counts.get(topic)
+        last = counts.last_image_ts if counts else None
+        return ((last is None or now - last >= NO_FRAME_WARNING_SEC)
+                and now - self._since >= NO_FRAME_WARNING_SEC)
+
+    def _silent_since_start(self, topic: str) -> bool:
+        counts = self._counts.get(topic)
+        return counts is None or counts.last_image_ts is None \
+            or counts.last_image_ts < self._since
+
     def check_graph(self) -> None:
         """For every quiet camera topic (no image for :data:`NO_FRAME_WARNING_SEC`), say why
         when the graph shows it; a topic that never had an image since activation and shows
         no reason gets the generic question. Causes that are gone are cleared."""
-        node = self._node
         now = time.monotonic()
-        published = dict(node.get_topic_names_and_types())
+        published = dict(self._node.get_topic_names_and_types())
         silent_since_start = []
         for sub, topic, _ in self._subs:
-            counts = self._counts.get(topic)
-            last = counts.last_image_ts if counts else None
-            quiet = (last is None or now - last >= NO_FRAME_WARNING_SEC) and \
-                now - self._since >= NO_FRAME_WARNING_SEC
+            quiet = self._quiet(topic, now)
             hints = self._hints(topic, sub.msg_type.__name__, published) if quiet else []
             if hints:
                 self._warnings.set(f'graph:{topic}', f'no image on {topic}: '
                                    + '; '.join(hints))
             else:
                 self._warnings.clear(f'graph:{topic}')
-                if quiet and (last is None or last < self._since):
+                if quiet and self._silent_since_start(topic):
                     silent_since_start.append(topic)
         if silent_since_start:
             self._warnings.set('no_frames', (

@@ -1,10 +1,9 @@
 """The assistant lifecycle node: wiring of the lifecycle, the parameters and the publishers.
 
-The jobs live in modules of their own: camera topics in (:mod:`.ingest`), requests in
-(:mod:`.intake`), Status and /diagnostics (:mod:`.status`), ``~/overlay`` (:mod:`.overlay`),
-the action (:mod:`.action`), messages (:mod:`.convert`); the engine decides. Engine events
-cross into the executor once, through a guard condition (ros2/examples
-``trigger_guard_condition.py``), and are published here.
+Jobs live in modules of their own: camera topics in (:mod:`.ingest`), requests in
+(:mod:`.intake`), Status and /diagnostics (:mod:`.status`), ``~/overlay`` (:mod:`.overlay`), the
+action (:mod:`.action`), messages (:mod:`.convert`); the engine decides. Engine events cross
+into the executor through a guard condition (ros2/examples ``trigger_guard_condition.py``).
 """
 import contextlib
 import itertools
@@ -156,11 +155,14 @@ class AssistantNode(LifecycleNode):
         finally:
             self.loading = False
         if ok == TransitionCallbackReturn.SUCCESS:
-            self.get_logger().info(
-                f'model ready in {time.monotonic() - t0:.1f} s ({runner.config.dtype} on '
-                f'{runner.config.device}, attention: {runner.attn_implementation}, text step: '
-                f'{self.engine.stats().decode_path})')
+            self._log_ready(runner, time.monotonic() - t0)
         return ok
+
+    def _log_ready(self, runner, seconds: float) -> None:
+        self.get_logger().info(
+            f'model ready in {seconds:.1f} s ({runner.config.dtype} on {runner.config.device}, '
+            f'attention: {runner.attn_implementation}, text step: '
+            f'{self.engine.stats().decode_path})')
 
     def _started(self, engine: StreamingEngine, timeout: float) -> TransitionCallbackReturn:
         if engine.wait_ready(timeout):
@@ -218,14 +220,12 @@ class AssistantNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_cleanup(self, state) -> TransitionCallbackReturn:
+        """Cleanup and shutdown alike: the camera topics closed, the engine stopped."""
         self._close_io()
         self._stop_engine()
         return TransitionCallbackReturn.SUCCESS
 
-    def on_shutdown(self, state) -> TransitionCallbackReturn:
-        self._close_io()
-        self._stop_engine()
-        return TransitionCallbackReturn.SUCCESS
+    on_shutdown = on_cleanup
 
     def _close_io(self) -> None:
         if self._node_timers.get('graph') is not None:
