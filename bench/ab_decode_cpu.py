@@ -1,12 +1,13 @@
-"""Back-to-back CPU decode of the mid model in two source trees (issue 24: the static step
-must not make CPU decode slower): the decode step at a stationary context (64 frames cached,
-about 2,800 text tokens) and decode tokens/s through the engine threads (a speaking engine,
-no frames), alternating the trees so that both see the same machine load.
+"""Back-to-back CPU decode of the mid (or tiny) model in two source trees (issue 24: the
+static step must not make CPU decode slower; issue 25: nor the split by job): the decode step
+at a stationary context (64 frames cached, about 2,800 text tokens) and decode tokens/s through
+the engine threads (a speaking engine, no frames), alternating the trees so that both see the
+same machine load.
 
-    python bench/ab_decode_cpu.py OLD_TREE NEW_TREE [--rounds 3]
+    python bench/ab_decode_cpu.py OLD_TREE NEW_TREE [--rounds 3] [--out NAME.json]
 
 Each measurement runs in a fresh interpreter of this venv with the tree first on sys.path.
-Writes ``bench/results/cpu_ab.json``.
+Writes ``bench/results/cpu_ab.json`` (``--out`` names another file there).
 """
 import argparse
 import json
@@ -24,10 +25,10 @@ from common import decode_window, scene_images, speaking_engine, write_model
 import torch
 from mossv_ros.engine.config import EngineConfig, SamplingConfig
 from mossv_ros.engine.runner import ModelRunner
-folder = pathlib.Path(sys.argv[2])
-path = folder / 'mid'
+folder, kind = pathlib.Path(sys.argv[2]), sys.argv[3]
+path = folder / kind
 if not (path / 'model.safetensors').exists():
-    write_model('mid', folder)
+    write_model(kind, folder)
 runner = ModelRunner(EngineConfig(model_path=str(path), device='cpu', dtype='float32',
                                   max_frames=64, max_context_tokens=4096))
 s = runner.special
@@ -60,8 +61,8 @@ print(json.dumps({'step_ms': statistics.median(times[5:]) * 1e3, 'engine_tokens_
 """
 
 
-def measure(tree: str, models: Path) -> dict:
-    out = subprocess.run([sys.executable, '-c', MEASURE, tree, str(models)], check=True,
+def measure(tree: str, models: Path, kind: str) -> dict:
+    out = subprocess.run([sys.executable, '-c', MEASURE, tree, str(models), kind], check=True,
                          capture_output=True, text=True, cwd=tree).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -71,13 +72,17 @@ def main(argv=None) -> int:
     parser.add_argument('old')
     parser.add_argument('new')
     parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--model', choices=('mid', 'tiny'), default='mid',
+                        help='the random model measured (tiny: the host-bound case)')
+    parser.add_argument('--out', default='cpu_ab.json',
+                        help='file name under bench/results (default cpu_ab.json)')
     ns = parser.parse_args(argv)
     models = Path('/tmp/mossv_ab_models')
     models.mkdir(exist_ok=True)
     runs = {'old': [], 'new': []}
     for r in range(ns.rounds):
         for name in ('old', 'new'):
-            runs[name].append(measure(getattr(ns, name), models))
+            runs[name].append(measure(getattr(ns, name), models, ns.model))
             print(f'round {r} {name}: {runs[name][-1]}', flush=True)
     summary = {name: {key: statistics.median(run[key] for run in rows)
                       for key in ('step_ms', 'engine_tokens_per_s')}
@@ -85,9 +90,9 @@ def main(argv=None) -> int:
     ratios = {'step_new_over_old': summary['new']['step_ms'] / summary['old']['step_ms'],
               'engine_new_over_old': summary['new']['engine_tokens_per_s']
               / summary['old']['engine_tokens_per_s']}
-    report = {'trees': {'old': ns.old, 'new': ns.new}, 'runs': runs, 'median': summary,
-              'ratios': ratios}
-    path = ROOT / 'bench' / 'results' / 'cpu_ab.json'
+    report = {'trees': {'old': ns.old, 'new': ns.new}, 'model': ns.model, 'runs': runs,
+              'median': summary, 'ratios': ratios}
+    path = ROOT / 'bench' / 'results' / ns.out
     path.write_text(json.dumps(report, indent=2))
     print(json.dumps(ratios), f'-> {path}')
     return 0
