@@ -4,7 +4,7 @@ import time
 import numpy as np
 import pytest
 
-from mossv_ros.engine.config import EngineConfig
+from mossv_ros.engine.config import EngineConfig, SamplingConfig
 from mossv_ros.engine.engine import StreamingEngine
 from mossv_ros.engine.events import AnswerEvent, Frame, RoundEvent, TokenEvent
 from mossv_ros.toyworld import evaluate as tw_eval
@@ -55,6 +55,39 @@ def test_two_episodes_on_two_cameras_equal_each_run_alone(monkeypatch):
     assert all(c.num_frames_received == 24 for c in stats.cameras)
     scores = {cam: tw_eval.score([episodes[cam]], [together[cam]]) for cam in episodes}
     assert scores == {cam: tw_eval.score([episodes[cam]], [alone[cam]]) for cam in episodes}
+
+
+def test_with_sampling_each_camera_draws_as_if_alone():
+    """Sampling on (temperature > 0): a camera's random stream is its own (seeded from
+    ``sampling.seed`` and its name), so what it says does not depend on what the other
+    cameras say or when they speak (before: one generator for every camera, so each draw
+    moved the others' streams and two cameras together spoke differently from each alone)."""
+    episodes = {'head': make_episode(1_000_020, num_frames=16),
+                'wrist': make_episode(1_000_028, num_frames=16)}
+
+    def sampling(seed):
+        return {'sampling': SamplingConfig(temperature=2.5, top_k=20, seed=seed)}
+
+    def alone(seed):
+        said = {}
+        for cam, ep in episodes.items():
+            engine = _engine([cam], **sampling(seed))
+            try:
+                said[cam] = [(u.frame, u.text)
+                             for u in tw_eval.stream_episode(engine, ep, stamp_base=1000.0)]
+            finally:
+                engine.stop()
+        return said
+
+    by_itself = alone(seed=3)
+    assert alone(seed=4) != by_itself  # sampling does change what is said: this can fail
+    engine = _engine(list(episodes), **sampling(3))
+    try:
+        together = tw_eval.stream_episodes(engine, episodes, stamp_base=1000.0)
+    finally:
+        engine.stop()
+    assert {cam: [(u.frame, u.text) for u in said] for cam, said in together.items()} \
+        == by_itself
 
 
 def test_questions_name_their_camera_and_every_output_says_which():

@@ -4,7 +4,7 @@ three times into one engine gives three identical output sequences (greedy), fra
 frame; so does a ``reset()`` between two plays. And questions queue per camera (item 2).
 """
 from mossv_ros.engine import events as ev
-from mossv_ros.engine.config import EngineConfig
+from mossv_ros.engine.config import DEFAULT_CAMERA, EngineConfig, SamplingConfig
 from mossv_ros.engine.engine import StreamingEngine
 from mossv_ros.model_dirs import default_model_dir
 from mossv_ros.toyworld.evaluate import eval_episodes
@@ -66,9 +66,10 @@ def test_a_looped_bag_replays_identically():
     assert resets == 2
 
 
-def test_a_reset_between_two_plays_is_a_fresh_start():
+def _two_plays(**overrides):
+    """An episode played, ``reset()``, played again. :returns: the two plays' outputs."""
     episode = eval_episodes(2)[1]
-    engine = _engine()
+    engine = _engine(**overrides)
     try:
         one = _play(engine, episode, stamp_base=100.0)
         engine.reset('between plays')
@@ -77,6 +78,21 @@ def test_a_reset_between_two_plays_is_a_fresh_start():
         two = _play(engine, episode, stamp_base=500.0)  # stamps go on: no jump, a reset
     finally:
         engine.stop()
+    return one, two
+
+
+def test_a_reset_between_two_plays_is_a_fresh_start():
+    one, two = _two_plays()
+    assert one == two
+
+
+def test_with_sampling_a_reset_is_a_fresh_start_too():
+    """Sampling on: a reset restarts the camera's random stream from ``sampling.seed``, so
+    the replay draws as the first play did (before: the stream went on across the reset)."""
+    one, two = _two_plays(sampling=SamplingConfig(temperature=2.5, top_k=20, seed=3))
+    other, _ = _two_plays(sampling=SamplingConfig(temperature=2.5, top_k=20, seed=4))
+    assert one[0], 'the episode gave no answer to compare'
+    assert other != one  # sampling does change what is said: the comparison can fail
     assert one == two
 
 
@@ -118,3 +134,26 @@ def test_a_huge_request_id_is_echoed_bounded():
     quoted = echo('x' * 10_000_000)
     assert len(quoted) < MAX_ECHO_CHARS + 40 and quoted.endswith('(10000000 characters)')
     assert echo('short') == 'short' and echo(None) == '<NoneType>'
+
+
+def test_only_a_sampling_change_restarts_the_random_streams(tiny_runner):
+    """A live change of another parameter (here round closing) leaves every camera's random
+    stream where it is; a change of a sampling parameter starts them over."""
+    import dataclasses
+    cfg = EngineConfig(model_path='in-memory', max_frames=8, max_context_tokens=2048,
+                       sampling=SamplingConfig(temperature=1.0))
+    engine = StreamingEngine(cfg, runner=tiny_runner)
+    engine.start()
+    try:
+        assert engine.wait_ready(60)
+        sampler = engine._sampler
+        drawn = sampler.generator(DEFAULT_CAMERA).get_state()
+        cfg = dataclasses.replace(cfg, round_close_after_frames=5)
+        engine.update_config(cfg)
+        assert engine._sampler is sampler
+        assert sampler.generator(DEFAULT_CAMERA).get_state().equal(drawn)
+        engine.update_config(dataclasses.replace(cfg, sampling=SamplingConfig(temperature=1.0,
+                                                                              seed=9)))
+        assert engine._sampler is not sampler and engine._sampler.config.seed == 9
+    finally:
+        engine.stop()

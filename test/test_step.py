@@ -412,3 +412,24 @@ def test_batched_greedy_equals_each_row_and_hopeless_rows_fall_back():
     ids = sampler.sample(logits, histories).tolist()
     assert ids[:2] == [sampler(logits[0], histories[0]), sampler(logits[1], histories[1])]
     assert ids[2] == 2  # the first id that is not suppressed
+
+
+def test_named_streams_draw_independently_and_restart_from_their_seed():
+    """A camera's draws are its own: row ``i`` of a batch draws from ``streams[i]`` as it
+    would alone, and ``restart`` makes a stream draw again as after start."""
+    cfg = SamplingConfig(temperature=1.0, seed=3)
+    logits = torch.zeros(2, 50)  # uniform: every id is a draw of the stream itself
+    sampler = Sampler(cfg, [], 50)
+    together = [sampler.sample(logits, [[], []], ['head', 'wrist']).tolist() for _ in range(20)]
+    alone = Sampler(cfg, [], 50)
+    head = [alone(logits[0], stream='head') for _ in range(20)]
+    assert [ids[0] for ids in together] == head
+    assert [ids[0] for ids in together] != [ids[1] for ids in together]
+    sampler.restart('head')
+    assert [sampler(logits[0], stream='head') for _ in range(20)] == head
+    assert sampler.stream_seed(None) == 3  # the unnamed stream: the seed itself
+    assert len({sampler.stream_seed(s) for s in ('head', 'wrist', None)}) == 3
+    assert Sampler(SamplingConfig(temperature=1.0, seed=4), [], 50).stream_seed('head') \
+        != sampler.stream_seed('head')
+    with pytest.raises(ValueError, match='1 streams for 2 rows'):
+        sampler.sample(logits, [[], []], ['head'])

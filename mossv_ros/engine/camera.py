@@ -54,7 +54,7 @@ class CameraSession:
         engine.emit_all(self.dialogue.on_token(self.sample(logits)))
 
     def sample(self, logits) -> int:
-        return self.engine.sample_rows(logits[None], [self.dialogue.history])[0]
+        return self.engine.sample_rows(logits[None], [self.dialogue.history], [self.name])[0]
 
     def decode(self, ready) -> None:
         """Feed the pending token and, when ``ready`` (frame, encoded) came, the frame's
@@ -124,6 +124,7 @@ class CameraSession:
         engine.emit_all(self.dialogue.reset())
         self.cancel_waiting(END_RESET)
         engine.emit(SessionResetEvent(reason=reason, camera=self.name))
+        engine.restart_sampling(self.name)
         self.prefill()
 
     def end_everything(self, reason: str) -> None:
@@ -159,16 +160,18 @@ def decode_together(engine, cams: List[CameraSession]) -> None:
     logits = engine.runner.feed_batch([cam.session for cam in cams], tokens)
     for cam, n in zip(cams, before):
         cam.note_oom(n)
-    ids = engine.sample_rows(logits, [cam.dialogue.history for cam in cams])
+    ids = engine.sample_rows(logits, [cam.dialogue.history for cam in cams],
+                             [cam.name for cam in cams])
     for cam, token in zip(cams, ids):
         engine.emit_all(cam.dialogue.on_token(token))
 
 
-def sample_rows(sampler, logits, histories) -> List[int]:
+def sample_rows(sampler, logits, histories, streams) -> List[int]:
     """Token ids for each row of ``logits`` (batch, vocab): one device sample and one read
-    back with a :class:`~.sampling.Sampler` (its ``sample``); any other
+    back with a :class:`~.sampling.Sampler` (its ``sample``, row ``i`` drawing from the
+    random stream ``streams[i]``, the camera's name); any other
     ``sampler(logits_row, history) -> int`` (scripted test samplers) is called per row."""
     batched = getattr(sampler, 'sample', None)
     if batched is not None:
-        return batched(logits, histories).tolist()
+        return batched(logits, histories, streams).tolist()
     return [int(sampler(row, list(h))) for row, h in zip(logits, histories)]

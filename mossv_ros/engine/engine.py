@@ -178,12 +178,13 @@ class StreamingEngine(EngineInputs):
                  and getattr(config, f.name) != getattr(self.config, f.name)]
         if fixed:
             raise ValueError(f'cannot change {fixed} while the engine runs (new engine needed)')
+        sampling_changed = config.sampling != self.config.sampling
         self.config = config
         self.inbox.update_config(config)
         for cam in self._cams.values():
             cam.dialogue.config = config
-        if self._owns_sampler and self.runner is not None:
-            self._sampler = self._new_sampler()
+        if self._owns_sampler and self.runner is not None and sampling_changed:
+            self._sampler = self._new_sampler()  # every camera's stream starts over
 
     def reset(self, reason: str = 'requested', camera: Optional[str] = None) -> None:
         """Clear vision cache and dialogue of ``camera`` (None: of every camera) at the next
@@ -223,9 +224,16 @@ class StreamingEngine(EngineInputs):
         for event in events:
             self.emit(event)
 
-    def sample_rows(self, logits, histories) -> List[int]:
-        """The next token of each row of ``logits`` (batch, vocab) by the engine's sampler."""
-        return sample_rows(self._sampler, logits, histories)
+    def sample_rows(self, logits, histories, cameras) -> List[int]:
+        """The next token of each row of ``logits`` (batch, vocab) by the engine's sampler,
+        row ``i`` from camera ``cameras[i]``'s random stream."""
+        return sample_rows(self._sampler, logits, histories, cameras)
+
+    def restart_sampling(self, camera: str) -> None:
+        """A session reset: ``camera``'s random stream starts over from its seed."""
+        restart = getattr(self._sampler, 'restart', None)
+        if restart is not None:
+            restart(camera)
 
     def _new_sampler(self):
         from .sampling import Sampler

@@ -3,8 +3,14 @@ penalty, suppressed ids, for a batch of rows at once.
 
 Every decision is tensor arithmetic on the device (no branch on values), so a decode step
 reads back only the sampled ids: one ``.tolist()`` per step (docs/model.md section 10.2).
+
+Random draws come from named streams, one per camera: each is a generator of its own, seeded
+from ``SamplingConfig.seed`` and the stream's name (:meth:`Sampler.stream_seed`), so what one
+camera draws never depends on the others, and :meth:`Sampler.restart` (a session reset) makes
+a stream draw again exactly as after start.
 """
-from typing import Iterable, Sequence
+import hashlib
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,36 +34,64 @@ class Sampler:
         allowed = sorted(set(range(vocab_size)) - set(self.suppress))
         #: the answer when no allowed logit is finite (the first allowed id)
         self.fallback_id = allowed[0] if allowed else 0
-        self._device_state = {}  # device -> (suppressed ids tensor, generator)
+        self._suppress_ids = {}  # device -> suppressed ids tensor
+        self._generators = {}  # (stream, device) -> generator
 
-    def _state(self, device: torch.device):
-        if device not in self._device_state:
-            generator = torch.Generator(device=device).manual_seed(self.config.seed)
-            ids = torch.tensor(self.suppress, dtype=torch.long).to(device)
-            self._device_state[device] = (ids, generator)
-        return self._device_state[device]
+    def stream_seed(self, stream: Optional[str]) -> int:
+        """The seed of a named stream: ``config.seed`` itself for the unnamed stream (None),
+        else the first 63 bits of SHA-256 of ``"<seed>:<stream>"`` (distinct per name, the
+        same on every run and machine)."""
+        if stream is None:
+            return self.config.seed
+        digest = hashlib.sha256(f'{self.config.seed}:{stream}'.encode()).digest()
+        return int.from_bytes(digest[:8], 'little') >> 1
 
-    @property
-    def generator(self) -> torch.Generator:
-        """The CPU generator (seeded with ``config.seed``)."""
-        return self._state(torch.device('cpu'))[1]
+    def generator(self, stream: Optional[str] = None,
+                  device='cpu') -> torch.Generator:
+        """The generator of ``stream`` on ``device`` (a torch device or its name; made and
+        seeded on first use)."""
+        key = (stream, torch.device(device))
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=key[1]).manual_seed(
+                self.stream_seed(stream))
+        return self._generators[key]
 
-    def __call__(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
+    def restart(self, stream: Optional[str] = None) -> None:
+        """Start ``stream`` over from its seed on every device (a session reset: the same
+        input then draws the same tokens as after start)."""
+        for key in [k for k in self._generators if k[0] == stream]:
+            del self._generators[key]
+
+    def _suppressed(self, device: torch.device) -> torch.Tensor:
+        if device not in self._suppress_ids:
+            self._suppress_ids[device] = torch.tensor(self.suppress,
+                                                      dtype=torch.long).to(device)
+        return self._suppress_ids[device]
+
+    def __call__(self, logits: torch.Tensor, history: Sequence[int] = (),
+                 stream: Optional[str] = None) -> int:
         """One row. :param logits: float tensor (vocab,). :param history: ids of the current
-        round (repetition penalty). :returns: the token id."""
-        return int(self.sample(logits[None], [history])[0])
+        round (repetition penalty). :param stream: the random stream (None: the unnamed
+        one). :returns: the token id."""
+        return int(self.sample(logits[None], [history], [stream])[0])
 
     @torch.no_grad()
-    def sample(self, logits: torch.Tensor, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, histories: Sequence[Sequence[int]],
+               streams: Optional[Sequence[Optional[str]]] = None) -> torch.Tensor:
         """Sample every row on the logits' device.
 
         :param logits: float tensor (batch, vocab).
         :param histories: each row's ids of its current round (used by the repetition
             penalty; copied to the device only when the penalty is on).
+        :param streams: each row's random stream (a camera's name); None: every row draws
+            from the unnamed stream, in row order.
         :returns: int64 tensor (batch,) on the same device: read it once (``.tolist()``).
+        :raises ValueError: ``streams`` not one per row.
         """
         cfg = self.config
-        suppress, generator = self._state(logits.device)
+        if streams is not None and len(streams) != logits.shape[0]:
+            raise ValueError(f'{len(streams)} streams for {logits.shape[0]} rows')
+        suppress = self._suppressed(logits.device)
         # A NaN or +inf from the model must not reach softmax: NaN never wins, +inf is the
         # largest finite value (issue 16 item 11: "probability tensor contains inf/nan").
         logits = torch.nan_to_num(logits.detach().float(), nan=float('-inf'),
@@ -71,7 +105,9 @@ class Sampler:
         if cfg.temperature == 0.0:
             ids = torch.argmax(logits, dim=-1, keepdim=True)
         else:
-            ids = self._draw(logits, generator)
+            generators = [self.generator(stream, logits.device)
+                          for stream in (streams if streams is not None else [None])]
+            ids = self._draw(logits, generators)
         return torch.where(hopeless, self.fallback_id, ids)[:, 0]
 
     def _penalize(self, logits: torch.Tensor, histories) -> torch.Tensor:
@@ -89,7 +125,9 @@ class Sampler:
         logits[rows, ids] = torch.where(vals > 0, vals / penalty, vals * penalty)
         return logits
 
-    def _draw(self, logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _draw(self, logits: torch.Tensor, generators) -> torch.Tensor:
+        """Draw one id per row: with one generator, all rows in one call; else row ``i``
+        from ``generators[i]`` (a kernel per row, at most the number of cameras)."""
         cfg = self.config
         logits = (logits - logits.amax(-1, keepdim=True)) / cfg.temperature  # max 0: no overflow
         if cfg.top_k > 0:
@@ -101,5 +139,8 @@ class Sampler:
             cum = torch.cumsum(sorted_p, dim=-1)
             sorted_p = sorted_p.masked_fill(cum - sorted_p > cfg.top_p, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        return torch.multinomial(probs, 1, generator=generator)
+        if len(generators) == 1:
+            return torch.multinomial(probs, 1, generator=generators[0])
+        return torch.cat([torch.multinomial(row[None], 1, generator=generator)
+                          for row, generator in zip(probs, generators)])
 
