@@ -11,6 +11,10 @@ figures), measured side by side in one run on the same model:
 2. ``step``: one decode step with ``--frames`` frames cached, eager and replayed as a CUDA
    graph: wall ms, GPU ms (CUDA events), kernel launches and summed kernel ms per step
    (``torch.profiler``); SDPA and matmul attention; TTFT of a question (graph and eager).
+   With ``--inductor`` also the step compiled by ``torch.compile`` (inductor: fused
+   elementwise kernels) and then captured, for one shape, beside the others: its compile
+   seconds, speed and logits against the eager step's (not what the engine runs: an
+   experiment toward the 150 tok/s stretch goal).
 3. ``encode``: a frame's host letterbox, its device encode (graph and eager), and the whole
    ``runner.encode_frames``.
 4. ``engine``: decode tokens/s through the engine threads, idle and while ingesting 1 fps,
@@ -344,8 +348,52 @@ def time_steps(step, n, device):
     return median(walls), median(gpus) if gpus else float('nan')
 
 
-def stage_step(runner, frames, device, n_frames):
-    """Decode step and TTFT with ``n_frames`` cached: eager vs CUDA graph, SDPA vs matmul."""
+def inductor_model(model):
+    """A shallow copy of ``model`` (the same modules and weights) whose text step is compiled
+    by ``torch.compile`` (inductor, whole graph, static shapes: one compile per step shape)."""
+    variant = copy.copy(model)
+    variant.forward_step = torch.compile(model.forward_step, fullgraph=True, dynamic=False)
+    return variant
+
+
+def inductor_variant(runner, pool, session, device, out):
+    """The step of :func:`inductor_model` over ``pool`` for its one full-span decode shape
+    (captured on CUDA; on the CPU replayed eagerly). Writes ``out['graph_inductor']``:
+    compile seconds and the largest logit difference from the eager step.
+    :returns: the variant's :class:`~mossv_ros.engine.graphs.StepGraphs`, or None (the error
+    is in ``out``)."""
+    from mossv_ros.engine.graphs import StepGraphs
+
+    def logits_with(graphs):
+        length, pos = session.kv_cache.length, session.next_pos
+        pool.graphs = graphs
+        logits = runner.feed(session, [11]).float().clone()
+        session.kv_cache.length, session.next_pos = length, pos
+        return logits
+
+    saved = pool.graphs
+    try:
+        t0 = time.perf_counter()
+        variant = StepGraphs(inductor_model(runner.model), pool, prefill_tokens=())
+        variant.decode_shapes = [variant.decode_shape(1, pool.max_frames)]
+        if device.startswith('cuda'):
+            variant.capture()  # compiles in the warm-up runs
+        compiled = logits_with(variant)  # (on the CPU: compiles here)
+        out['graph_inductor'] = {'compile_s': time.perf_counter() - t0}
+        eager = logits_with(None)
+        out['graph_inductor']['max_abs_dlogit_vs_eager'] = float((compiled - eager).abs().max())
+        out['graph_inductor']['argmax_equal'] = bool(compiled.argmax() == eager.argmax())
+        return variant
+    except Exception as exc:  # noqa: BLE001 - an experiment that cannot run: say so
+        out['graph_inductor'] = {'error': f'{type(exc).__name__}: {exc}'[:300]}
+        return None
+    finally:
+        pool.graphs = saved
+
+
+def stage_step(runner, frames, device, n_frames, inductor=False):
+    """Decode step and TTFT with ``n_frames`` cached: eager vs CUDA graph, SDPA vs matmul
+    (``inductor``: and the step compiled by inductor, :func:`inductor_variant`)."""
     from mossv_ros.engine.graphs import StepGraphs
 
     out = {'frames_cached': n_frames}
@@ -387,19 +435,25 @@ def stage_step(runner, frames, device, n_frames):
                 variants[name] = variant
             except Exception as exc:  # noqa: BLE001 - a variant that cannot run: say so
                 out[name] = {'error': f'{type(exc).__name__}: {exc}'[:300]}
+    if inductor:
+        variant = inductor_variant(runner, pool, session, device, out)
+        if variant is not None:
+            variants['graph_inductor'] = variant
     variants['eager_sdpa'] = None
     for name, variant in variants.items():
         pool.graphs = variant
         step = rollback(decode)
         step()
-        n = 30 if variant is None else 200
+        n = 30 if variant is None or not device.startswith('cuda') else 200
         wall, gpu = time_steps(step, n, device)
         launches, kernel_ms = profile_steps(step, 5, device)
-        out[name] = {'wall_ms': wall, 'gpu_ms': gpu, 'kernel_launches': launches,
-                     'kernel_ms': kernel_ms, 'tokens_per_s': 1e3 / wall}
+        out[name] = {**out.get(name, {}), 'wall_ms': wall, 'gpu_ms': gpu,
+                     'kernel_launches': launches, 'kernel_ms': kernel_ms,
+                     'tokens_per_s': 1e3 / wall}
         print(f'   {name}: {out[name]}', flush=True)
-    best = min((k for k in out if k.startswith('graph') and 'wall_ms' in out[k]),
-               key=lambda k: out[k]['wall_ms'], default='eager_sdpa')
+    # (the best of what the engine runs: the inductor step is an experiment beside them)
+    best = min((k for k in out if k.startswith('graph') and k != 'graph_inductor'
+                and 'wall_ms' in out[k]), key=lambda k: out[k]['wall_ms'], default='eager_sdpa')
     out['best'] = best
     q_ids = runner.question_ids(QUESTION)
     out['question_tokens'] = len(q_ids)
@@ -681,6 +735,9 @@ def main(argv=None):
     parser.add_argument('--only', default='', help='run just these stages (comma-separated)')
     parser.add_argument('--quantization', default='none,int8,fp8,int4',
                         help='modes of the quantization stage')
+    parser.add_argument('--inductor', action='store_true',
+                        help='step stage: also the step compiled by torch.compile (inductor) '
+                             'and captured (compiling the 11B step takes minutes)')
     ns = parser.parse_args(argv)
     device = 'cpu' if ns.tiny or not torch.cuda.is_available() else 'cuda'
     if not ns.tiny and device == 'cpu':
@@ -719,7 +776,7 @@ def main(argv=None):
     if device == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     if 'step' not in skip:
-        report.stage('step', stage_step, runner, frames, device, frames_n)
+        report.stage('step', stage_step, runner, frames, device, frames_n, ns.inductor)
     if 'encode' not in skip:
         report.stage('encode', stage_encode, runner, frames, device)
     if 'engine' not in skip:
@@ -746,7 +803,7 @@ def main(argv=None):
     step = report.get('step', {})
     print(f'\n{"measure":48s} {"value":>12s}')
     for key in ('eager_sdpa', 'graph_sdpa', 'graph_matmul_attention', 'graph_unfused',
-                'graph_cudnn_first'):
+                'graph_cudnn_first', 'graph_inductor'):
         if key in step and 'wall_ms' in step[key]:
             v = step[key]
             print(f'{"decode step " + key + " wall/gpu ms":48s} {v["wall_ms"]:12.2f} '
