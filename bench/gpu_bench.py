@@ -295,6 +295,9 @@ def sync_checks(device: str, folder):
                                                            device=device), [[], [], []]),
         'sample_top_k_top_p_penalty': lambda: sampling.sample(
             torch.randn(3, runner.vocab_size, device=device), [[5, 6], [], [7]]),
+        'sample_a_stream_per_camera': lambda: sampling.sample(
+            torch.randn(3, runner.vocab_size, device=device), [[5, 6], [], [7]],
+            ['head', 'wrist', 'rear']),
     }
     for name, fn in checks.items():
         fn()  # once unguarded (first-use allocations, generator set-up)
