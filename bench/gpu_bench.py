@@ -351,6 +351,19 @@ def time_steps(step, n, device):
     return median(walls), median(gpus) if gpus else float('nan')
 
 
+def rolled_back(session, fn):
+    """``fn`` made repeatable: each call leaves the session's context length and next position
+    as they were (the step's cache writes land in the same slots every time).
+    :returns: a function returning what ``fn`` returns."""
+    def run():
+        length, pos = session.kv_cache.length, session.next_pos
+        try:
+            return fn()
+        finally:
+            session.kv_cache.length, session.next_pos = length, pos
+    return run
+
+
 def inductor_model(model):
     """A shallow copy of ``model`` (the same modules and weights) whose text step is compiled
     by ``torch.compile`` (inductor, whole graph, static shapes: one compile per step shape)."""
@@ -368,11 +381,8 @@ def inductor_variant(runner, pool, session, device, out):
     from mossv_ros.engine.graphs import StepGraphs
 
     def logits_with(graphs):
-        length, pos = session.kv_cache.length, session.next_pos
         pool.graphs = graphs
-        logits = runner.feed(session, [11]).float().clone()
-        session.kv_cache.length, session.next_pos = length, pos
-        return logits
+        return rolled_back(session, lambda: runner.feed(session, [11]).float().clone())()
 
     saved = pool.graphs
     try:
@@ -414,12 +424,8 @@ def stage_step(runner, frames, device, n_frames, inductor=False):
         logits = runner.feed(session, [11])
         return sampler.sample(logits[None], [[]]).tolist()
 
-    def rollback(fn):  # keep the context length fixed across repeats
-        def run():
-            length, pos = session.kv_cache.length, session.next_pos
-            fn()
-            session.kv_cache.length, session.next_pos = length, pos
-        return run
+    def rollback(fn):
+        return rolled_back(session, fn)
 
     variants = {'graph_sdpa': graphs}
     if device.startswith('cuda') and graphs is not None:
