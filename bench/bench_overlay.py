@@ -35,7 +35,7 @@ def main(argv=None):
                         Parameter('round.close_after_sec', value=0.0)) as (node, ctx):
         engine = node.engine
         runner = engine.runner
-        engine._sampler = Sampler(engine.config.sampling,  # speak without pause
+        engine.parts.sampler = Sampler(engine.config.sampling,  # speak without pause
                                   runner.suppressed_ids() + [runner.special.silence],
                                   runner.vocab_size)
         probe = rclpy.create_node('overlay_bench_probe', context=ctx)

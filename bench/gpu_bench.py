@@ -381,10 +381,10 @@ def inductor_variant(runner, pool, session, device, out):
     from mossv_ros.engine.graphs import StepGraphs
 
     def logits_with(graphs):
-        pool.graphs = graphs
+        runner.graphs = graphs
         return rolled_back(session, lambda: runner.feed(session, [11]).float().clone())()
 
-    saved = pool.graphs
+    saved = runner.graphs
     try:
         t0 = time.perf_counter()
         variant = StepGraphs(inductor_model(runner.model), pool, prefill_tokens=())
@@ -401,7 +401,7 @@ def inductor_variant(runner, pool, session, device, out):
         out['graph_inductor'] = {'error': f'{type(exc).__name__}: {exc}'[:300]}
         return None
     finally:
-        pool.graphs = saved
+        runner.graphs = saved
 
 
 def stage_step(runner, frames, device, n_frames, inductor=False):
@@ -413,7 +413,7 @@ def stage_step(runner, frames, device, n_frames, inductor=False):
     session = runner.new_session(max_frames=n_frames, max_context_tokens=4096)
     pool = session.pool
     out['decode_path'] = runner.capture_graphs([session])
-    graphs = pool.graphs
+    graphs = runner.graphs
     runner.start_session(session)
     encoded = runner.encode_frames(frames[:16])
     fill(runner, session, encoded, n_frames)
@@ -450,7 +450,7 @@ def stage_step(runner, frames, device, n_frames, inductor=False):
             variants['graph_inductor'] = variant
     variants['eager_sdpa'] = None
     for name, variant in variants.items():
-        pool.graphs = variant
+        runner.graphs = variant
         step = rollback(decode)
         step()
         n = 30 if variant is None or not device.startswith('cuda') else 200
@@ -477,10 +477,10 @@ def stage_step(runner, frames, device, n_frames, inductor=False):
         matmul.capture()
         ttft_variants.append(('ttft_graph_matmul_attention', matmul))
     for name, variant in ttft_variants:
-        pool.graphs = variant
+        runner.graphs = variant
         rollback(ask)()
         out[name + '_s'] = time_steps(rollback(ask), 6, device)[0] / 1e3
-    pool.graphs = graphs
+    runner.graphs = graphs
     return out
 
 
@@ -553,7 +553,7 @@ def stage_engine(runner, frames, window_s, fill_frames):
 def engine_host_split(engine, window_s):
     """Where an engine step's time goes (idle, speaking): mean ms per step in the step, in
     ``runner.feed`` (the replay and its host work), in sampling (it waits for the GPU)."""
-    runner, sampler = engine.runner, engine._sampler
+    runner, sampler = engine.runner, engine.sampler
     spent = {'step': 0.0, 'feed': 0.0, 'sample': 0.0}
     counts = dict.fromkeys(spent, 0)
 

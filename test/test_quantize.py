@@ -141,7 +141,7 @@ def test_int8_runs_the_static_step_a_cuda_graph_replays():
     for static in (False, True):
         sessions = runner.new_sessions(2)
         if static:
-            sessions[0].pool.graphs = StepGraphs(runner.model, sessions[0].pool)
+            runner.graphs = StepGraphs(runner.model, sessions[0].pool)
         out = [runner.start_session(x) for x in sessions]
         out.append(runner.feed(sessions[0], [s.silence, s.image], [(1, frame)]))
         out.append(runner.feed(sessions[1], runner.question_ids('How many shapes are there?')))

@@ -146,14 +146,14 @@ def test_only_a_sampling_change_restarts_the_random_streams(tiny_runner):
     engine.start()
     try:
         assert engine.wait_ready(60)
-        sampler = engine._sampler
+        sampler = engine.sampler
         drawn = sampler.generator(DEFAULT_CAMERA).get_state()
         cfg = dataclasses.replace(cfg, round_close_after_frames=5)
         engine.update_config(cfg)
-        assert engine._sampler is sampler
+        assert engine.sampler is sampler
         assert sampler.generator(DEFAULT_CAMERA).get_state().equal(drawn)
         engine.update_config(dataclasses.replace(cfg, sampling=SamplingConfig(temperature=1.0,
                                                                               seed=9)))
-        assert engine._sampler is not sampler and engine._sampler.config.seed == 9
+        assert engine.sampler is not sampler and engine.sampler.config.seed == 9
     finally:
         engine.stop()

@@ -54,7 +54,7 @@ def test_steps_read_nothing_back(tiny_runner):
     for static in (False, True):
         sessions = runner.new_sessions(4)
         if static:
-            sessions[0].pool.graphs = StepGraphs(runner.model, sessions[0].pool)
+            runner.graphs = StepGraphs(runner.model, sessions[0].pool)
         for session in sessions:
             runner.start_session(session)
         with forbid_host_reads():
@@ -191,7 +191,7 @@ def test_static_step_equals_dynamic_reference(tiny_runner, num_sessions, static)
                                    max_context_tokens=prompt_len + 260)
     pool = sessions[0].pool
     if static:
-        pool.graphs = StepGraphs(runner.model, pool)
+        runner.graphs = StepGraphs(runner.model, pool)
     mirror = Mirror(runner, sessions)
     for i in range(num_sessions):
         mirror.start(i)
@@ -273,7 +273,7 @@ def test_fused_projections_give_the_same_logits(tiny_checkpoint):
     plain = copy.copy(runner.model)
     runner.model.fuse_projections()
     layer = runner.model.text.layers[0]
-    fused_weight = layer.self_attn.moss_qkv_weight
+    fused_weight = layer.self_attn.moss_qkv.weight
     assert layer.self_attn.q_proj.weight.data_ptr() == fused_weight.data_ptr()
     s = runner.special
     frame = runner.encode_frames([np.full((40, 60, 3), 70, np.uint8)])[0]
@@ -331,7 +331,7 @@ def test_failed_graph_capture_runs_eagerly_and_says_so(tiny_checkpoint, monkeypa
     assert path.startswith('eager (capture failed: RuntimeError') and ok
     assert len(finals) == 1
     assert any('CUDA graph capture failed' in r.getMessage() for r in records)
-    assert engine.runner.frames.graph is None and engine.session.pool.graphs is None
+    assert engine.runner.frames.graph is None and engine.runner.graphs is None
 
 
 def test_cpu_runs_eagerly_and_says_so(tiny_runner):

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Dict, Optional
+import re
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -100,46 +101,111 @@ def read_config(path: Path):
     return config, extras
 
 
-def _weight_files(path: Path):
+def weight_index(path: Path) -> Dict[str, Tuple[Path, str]]:
+    """Where each weight is: {transformers 5.x name: (safetensors file, name stored there)},
+    from ``model.safetensors.index.json`` (sharded) or ``model.safetensors`` (one file).
+
+    :raises CheckpointError: neither file, or a shard the index names is missing.
+    """
+    from safetensors import safe_open
+
     index = path / 'model.safetensors.index.json'
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())['weight_map'].values()))
-        return [path / s for s in shards]
+        try:
+            weight_map = json.loads(index.read_text())['weight_map']
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f'{index}: not a safetensors index ({exc})') from exc
+        out = {_rename_key(k): (path / f, k) for k, f in weight_map.items()}
+        missing = sorted({str(f) for f, _ in out.values() if not f.is_file()})
+        if missing:
+            raise CheckpointError(f'{index}: shards missing: {missing[:3]}')
+        return out
     single = path / 'model.safetensors'
     if single.is_file():
-        return [single]
+        with safe_open(str(single), framework='pt', device='cpu') as handle:
+            return {_rename_key(k): (single, k) for k in handle.keys()}
     raise CheckpointError(f'{path}: no model.safetensors or model.safetensors.index.json')
 
 
-def load_hf_model(path: Path, dtype: torch.dtype, device: str,
-                  progress: Optional[Callable[[int, int], None]] = None):
-    """Instantiate the stock Mllama model on the meta device and load weights into it.
+def _group_of(name: str) -> str:
+    """The load group of a weight: its decoder or encoder layer ('...layers.N'), else the
+    module that owns it (embeddings, norms, the LM head)."""
+    match = _LAYER.match(name)
+    return match.group(1) if match else name.rsplit('.', 1)[0]
 
-    :param progress: called as ``progress(done_files, total_files)``.
+
+_LAYER = re.compile(r'(.*\.layers\.\d+)\.')
+
+
+def load_hf_model(path: Path, dtype: torch.dtype, device: str,
+                  progress: Optional[Callable[[int, int], None]] = None,
+                  quantization: str = 'none', fuse: bool = False):
+    """Build the stock Mllama model on the meta device and stream its weights in.
+
+    Weights go from the memory-mapped safetensors files to ``device`` one tensor at a time, a
+    layer (decoder or encoder layer, or top-level module) after another; when a layer is
+    complete its linear layers are quantized (``quantization``, :func:`.quantize.apply`) before
+    the next layer is read. With ``fuse`` the q/k/v and gate/up projections of the text model
+    are filled into their fused linears (:mod:`.fusion`) as they arrive, so quantized weights
+    keep the fused GEMMs. So the device holds at most the final weights plus one layer in the
+    model dtype, and the host one tensor's file pages plus its converted copy (no host copy of
+    the model: ``bench/bench_memory.py`` measures both). The MOSS 4.46 layout and the mllama
+    layout load alike, sharded with an index or in one file (docs/model.md section 6.1).
+
+    :param dtype: the model dtype (every weight is converted to it as it is read).
+    :param progress: called as ``progress(done_layers, total_layers)``.
     :returns: (MllamaForConditionalGeneration in eval mode, MOSS extras dict).
-    :raises CheckpointError: missing or unexpected weights, or a bad directory.
+    :raises CheckpointError: missing or unexpected weights (checked before any is read), a
+        weight of the wrong shape, or a bad directory.
+    :raises ValueError: torchao refused ``quantization`` here.
     """
     from safetensors import safe_open
     from transformers import MllamaForConditionalGeneration
     from transformers.models.mllama.modeling_mllama import MllamaRotaryEmbedding
 
+    from . import fusion, quantize
+
     config, extras = read_config(path)
-    files = _weight_files(path)
+    where = weight_index(path)
     with torch.device('meta'):
         model = MllamaForConditionalGeneration(config)
-    state: Dict[str, torch.Tensor] = {}
-    for i, file in enumerate(files):
-        with safe_open(str(file), framework='pt', device='cpu') as handle:
-            for key in handle.keys():
-                state[_rename_key(key)] = handle.get_tensor(key).to(device=device, dtype=dtype)
-        if progress:
-            progress(i + 1, len(files))
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:
+    expected = dict(model.named_parameters())
+    missing = sorted(set(expected) - set(where))
+    unexpected = sorted(set(where) - set(expected))
+    if missing or unexpected:
         raise CheckpointError(f'{path}: weights do not match the Mllama architecture: '
-                              f'missing {result.missing_keys[:5]}, '
-                              f'unexpected {result.unexpected_keys[:5]}')
+                              f'missing {missing[:5]}, unexpected {unexpected[:5]}')
     text = model.model.language_model
+    slots: Dict[str, Tuple[torch.Tensor, int]] = {}  # stock weight -> (fused weight, row)
+    finishers = {}  # group -> [(parent, fused, stock)]
+    text_prefix = 'model.language_model.'
+    for parent, fused, stock in (fusion.targets(text, config.text_config.cross_attention_layers)
+                                 if fuse else ()):
+        starts = fusion.empty_fused(parent, fused, stock, device, dtype)
+        prefix = text_prefix + _module_name(text, parent)
+        for name, row in starts:
+            slots[f'{prefix}.{name}.weight'] = (getattr(parent, fused).weight, row)
+        finishers.setdefault(_group_of(f'{prefix}.{stock[0]}.weight'), []).append(
+            (parent, fused, stock))
+    groups: Dict[str, list] = {}
+    for name in sorted(where, key=lambda n: (str(where[n][0]), _natural(n))):
+        groups.setdefault(_group_of(name), []).append(name)
+    handles: Dict[Path, object] = {}
+    try:
+        for done, (group, names) in enumerate(groups.items(), 1):
+            for name in names:
+                file, stored = where[name]
+                if file not in handles:
+                    handles[file] = safe_open(str(file), framework='pt', device='cpu')
+                _place(model, name, handles[file].get_tensor(stored), expected[name], slots,
+                       device, dtype)
+            for parent, fused, stock in finishers.get(group, ()):
+                fusion.finish(parent, fused, stock, keep_stock=quantization == 'none')
+            quantize.apply(model.get_submodule(group), quantization)
+            if progress:
+                progress(done, len(groups))
+    finally:
+        handles.clear()
     text.rotary_emb = MllamaRotaryEmbedding(config.text_config).to(device)  # float32 table
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
                  if t.is_meta]
@@ -147,6 +213,38 @@ def load_hf_model(path: Path, dtype: torch.dtype, device: str,
         raise CheckpointError(f'{path}: tensors left uninitialized: {leftovers[:5]}')
     model.eval()
     return model, extras
+
+
+def _natural(name: str):
+    """Sort key: layer numbers as numbers (layer 2 before layer 10)."""
+    return [int(p) if p.isdigit() else p for p in name.split('.')]
+
+
+def _module_name(root, module) -> str:
+    for name, m in root.named_modules():
+        if m is module:
+            return name
+    raise KeyError('module not in the model')
+
+
+def _place(model, name: str, tensor: torch.Tensor, meta: torch.Tensor, slots, device,
+           dtype) -> None:
+    """Put one tensor read from a file (a view of its memory map) where it belongs: rows of a
+    fused weight, or a parameter of its own; converted to ``dtype`` on ``device`` (always a
+    copy: the model never keeps a view of the file)."""
+    if tuple(tensor.shape) != tuple(meta.shape):
+        raise CheckpointError(f'{name}: shape {tuple(tensor.shape)} in the checkpoint, '
+                              f'{tuple(meta.shape)} expected by config.json')
+    slot = slots.get(name)
+    if slot is not None:
+        fused, row = slot
+        with torch.no_grad():
+            fused[row:row + tensor.shape[0]].copy_(tensor)
+        return
+    module_name, _, attr = name.rpartition('.')
+    module = model.get_submodule(module_name)
+    module._parameters[attr] = torch.nn.Parameter(
+        tensor.to(device=device, dtype=dtype, copy=True), requires_grad=False)
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):

@@ -135,6 +135,10 @@ class EngineConfig:
         and questions that name none. Names: letters, digits and '_'.
     :ivar max_total_memory_bytes: optional bound on the cache bytes of all sessions together
         (0 = off); past it, frames of the session that just grew are evicted.
+    :ivar max_device_memory_bytes: the memory the node may use on its device (0 = all that is
+        free): the memory plan (:mod:`.memory`) must fit it before any weight is read, and on
+        CUDA it is enforced with ``torch.cuda.set_per_process_memory_fraction`` (a share of a
+        GPU that other nodes use too).
     """
 
     model_path: str = ''
@@ -161,6 +165,7 @@ class EngineConfig:
     system_prompt: str = ''
     cameras: Tuple[str, ...] = (DEFAULT_CAMERA,)
     max_total_memory_bytes: int = 0
+    max_device_memory_bytes: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def validate(self) -> 'EngineConfig':
@@ -214,6 +219,9 @@ class EngineConfig:
                f'1 to {MAX_CAMERAS} distinct names of letters, digits and _')
         _check(self.max_total_memory_bytes >= 0, 'cache.max_total_memory_bytes',
                self.max_total_memory_bytes, 'an int >= 0 (0 = off)')
+        _check(self.max_device_memory_bytes == 0 or self.max_device_memory_bytes >= 1 << 26,
+               'engine.max_device_memory_bytes', self.max_device_memory_bytes,
+               '0 (all that is free) or an int >= 67108864 (64 MiB)')
         self.sampling.validate()
         return self
 

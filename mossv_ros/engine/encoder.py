@@ -8,35 +8,36 @@ token boundary. Perception never waits for generation, and decoding never waits 
 from .events import ErrorEvent, Frame
 
 
-def run_encoder(engine) -> None:
+def run_encoder(parts) -> None:
     """The thread's loop, until the engine's inbox closes.
 
-    :param engine: the :class:`~.engine.StreamingEngine` (its inbox, runner, cameras, ``emit``).
+    :param parts: the engine's :class:`~.camera.EngineParts` (its inbox, runner, sessions,
+        configuration and event output).
     """
-    inbox = engine.inbox
+    inbox = parts.inbox
     while True:
-        taken = inbox.take_frames_to_encode(lambda: bool(engine.cameras()),
-                                            max_frames=len(engine.config.cameras))
+        taken = inbox.take_frames_to_encode(lambda: bool(parts.sessions),
+                                            max_frames=len(parts.config.cameras))
         if taken is None:
             return
         if len(taken) == 1:
-            encoded = [_encode_one(engine, *taken[0])]
+            encoded = [_encode_one(parts, *taken[0])]
         else:
             try:  # frames that arrived together: one batch through the vision tower
-                encoded = engine.runner.encode_frames([frame.image for frame, _ in taken])
+                encoded = parts.runner.encode_frames([frame.image for frame, _ in taken])
             except Exception:  # noqa: BLE001 - a bad frame in the batch: each alone
-                encoded = [_encode_one(engine, frame, index) for frame, index in taken]
+                encoded = [_encode_one(parts, frame, index) for frame, index in taken]
         for (frame, index), enc in zip(taken, encoded):
             if enc is not None:
                 enc.frame_index = index
             inbox.put_encoded(frame, enc)
 
 
-def _encode_one(engine, frame: Frame, index: int):
+def _encode_one(parts, frame: Frame, index: int):
     """Encode one frame; a bad frame is reported (an ErrorEvent) and gives None."""
     try:
-        return engine.runner.encode_frames([frame.image])[0]
+        return parts.runner.encode_frames([frame.image])[0]
     except Exception as exc:  # noqa: BLE001 - bad frame: count, report, keep going
-        engine.emit(ErrorEvent(f'frame {index} could not be encoded: {exc}',
+        parts.emit(ErrorEvent(f'frame {index} could not be encoded: {exc}',
                                camera=frame.camera))
         return None

@@ -23,12 +23,11 @@ from collections import deque
 import dataclasses
 import itertools
 import logging
-import queue
 import threading
 from typing import Callable, Iterator, List, Optional
 
 from .budget import CacheBudget
-from .camera import CameraSession, decode_together, sample_rows
+from .camera import CameraSession, decode_together, EngineParts, EventOutput
 from .config import EngineConfig, LIVE_FIELDS, model_name
 from .dialogue import Mode
 from .encoder import run_encoder
@@ -63,14 +62,14 @@ class StreamingEngine(EngineInputs):
                  on_event: Optional[Callable[[object], None]] = None,
                  load_progress: Optional[Callable[[int, int], None]] = None,
                  round_ids: Optional[Iterator[int]] = None) -> None:
-        self.config = config.validate()
-        self.runner = runner
-        self._sampler = sampler
+        config = config.validate()
+        self.inbox = Inbox(config)
+        #: the parts the cameras and the encoder thread are handed (none refers back here)
+        self.parts = EngineParts(config, self.inbox, EventOutput(on_event))
+        self.parts.runner = runner
+        self.parts.sampler = sampler
         self._owns_sampler = sampler is None  # built from config.sampling (update_config)
-        self.on_event = on_event
         self._load_progress = load_progress
-        self._events: 'queue.Queue' = queue.Queue()
-        self.inbox = Inbox(self.config)
         #: camera name -> its session and dialogue, in ``config.cameras`` order (made once
         #: the runner is loaded)
         self._cams: dict = {}
@@ -81,9 +80,26 @@ class StreamingEngine(EngineInputs):
         self.model_name = 'none'
         self.decode_path = ''
         self.last_error = ''
-        #: seconds from a frame's arrival to its insertion in the vision cache, newest last
-        #: (bounded; read by benchmarks)
-        self.frame_latencies: deque = deque(maxlen=4096)
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.parts.config
+
+    @property
+    def runner(self):
+        """The :class:`~.runner.ModelRunner` (None until loaded)."""
+        return self.parts.runner
+
+    @property
+    def frame_latencies(self) -> deque:
+        """Seconds from a frame's arrival to its insertion in the vision cache, newest last
+        (bounded; read by benchmarks)."""
+        return self.parts.frame_latencies
+
+    @property
+    def sampler(self):
+        """The sampler in force (:class:`~.sampling.Sampler`, or the one given)."""
+        return self.parts.sampler
 
     # ------------------------------------------------------------------ state
     @property
@@ -116,8 +132,8 @@ class StreamingEngine(EngineInputs):
         self._set_state(EngineState.LOADING)  # READY once the session prefill is done
         self._threads = [threading.Thread(target=self._engine_main, name='mossv-engine',
                                           daemon=True),
-                         threading.Thread(target=run_encoder, args=(self,), name='mossv-encoder',
-                                          daemon=True)]
+                         threading.Thread(target=run_encoder, args=(self.parts,),
+                                          name='mossv-encoder', daemon=True)]
         for t in self._threads:
             t.start()
 
@@ -153,17 +169,7 @@ class StreamingEngine(EngineInputs):
         """Every event queued so far, oldest first; when none is queued, wait up to
         ``timeout`` seconds for the first. The one way to read the engine's output (the node,
         the benchmarks, the toyworld evaluation and the tests all use it)."""
-        out = []
-        try:
-            out.append(self._events.get(timeout=timeout) if timeout > 0
-                       else self._events.get_nowait())
-        except queue.Empty:
-            return out
-        while True:
-            try:
-                out.append(self._events.get_nowait())
-            except queue.Empty:
-                return out
+        return self.parts.output.drain(timeout)
 
     # ------------------------------------------------------------------ inputs
     def update_config(self, config: EngineConfig) -> None:
@@ -179,12 +185,12 @@ class StreamingEngine(EngineInputs):
         if fixed:
             raise ValueError(f'cannot change {fixed} while the engine runs (new engine needed)')
         sampling_changed = config.sampling != self.config.sampling
-        self.config = config
+        self.parts.config = config
         self.inbox.update_config(config)
         for cam in self._cams.values():
             cam.dialogue.config = config
         if self._owns_sampler and self.runner is not None and sampling_changed:
-            self._sampler = self._new_sampler()  # every camera's stream starts over
+            self.parts.sampler = self._new_sampler()  # every camera's stream starts over
 
     def reset(self, reason: str = 'requested', camera: Optional[str] = None) -> None:
         """Clear vision cache and dialogue of ``camera`` (None: of every camera) at the next
@@ -213,27 +219,10 @@ class StreamingEngine(EngineInputs):
     # ------------------------------------------------------------------ threads
     def emit(self, event) -> None:
         """Queue an output event (and tell ``on_event``)."""
-        self._events.put(event)
-        if self.on_event is not None:
-            try:
-                self.on_event(event)
-            except Exception:  # noqa: BLE001 - a consumer's bug must not kill the engine
-                log.exception('on_event callback failed')
+        self.parts.emit(event)
 
     def emit_all(self, events) -> None:
-        for event in events:
-            self.emit(event)
-
-    def sample_rows(self, logits, histories, cameras) -> List[int]:
-        """The next token of each row of ``logits`` (batch, vocab) by the engine's sampler,
-        row ``i`` from camera ``cameras[i]``'s random stream."""
-        return sample_rows(self._sampler, logits, histories, cameras)
-
-    def restart_sampling(self, camera: str) -> None:
-        """A session reset: ``camera``'s random stream starts over from its seed."""
-        restart = getattr(self._sampler, 'restart', None)
-        if restart is not None:
-            restart(camera)
+        self.parts.emit_all(events)
 
     def _new_sampler(self):
         from .sampling import Sampler
@@ -249,16 +238,17 @@ class StreamingEngine(EngineInputs):
         sessions = runner.new_sessions(len(names))
         self.decode_path = runner.capture_graphs(sessions)
         log.info('text step: %s', self.decode_path)
-        self._cams = {name: CameraSession(name, session, self)
+        self.parts.sessions = list(sessions)
+        self._cams = {name: CameraSession(name, session, self.parts)
                       for name, session in zip(names, sessions)}
 
     def _engine_main(self) -> None:
         try:
             if self.runner is None:
                 from .runner import ModelRunner
-                self.runner = ModelRunner(self.config, self._load_progress)
-            if self._sampler is None:
-                self._sampler = self._new_sampler()
+                self.parts.runner = ModelRunner(self.config, self._load_progress)
+            if self.parts.sampler is None:
+                self.parts.sampler = self._new_sampler()
             self.model_name = model_name(self.config.model_path)
             if not self._cams:
                 self._make_cameras()
@@ -302,7 +292,7 @@ class StreamingEngine(EngineInputs):
             if len(speaking) == 1:
                 speaking[0].decode(None)
             elif speaking:
-                decode_together(self, speaking)
+                decode_together(self.parts, speaking)
         for cam in cams:  # a silent round with no frame for round.close_after_sec ends
             if cam.dialogue.quiet_too_long():
                 self.emit_all(cam.dialogue.end_round(END_SILENCE))

@@ -227,6 +227,12 @@ class EngineStats:
     #: stored (quantized layers at their quantized size)
     quantization: str = ''
     weight_bytes: int = 0
+    #: the memory plan (:mod:`.memory`): bytes planned for weights, caches, activations and
+    #: workspace; bytes measured (CUDA: the allocator's peak; CPU: weights + caches); bytes
+    #: the node may use (0: unknown); all 0 before the model loads
+    planned_memory_bytes: int = 0
+    measured_memory_bytes: int = 0
+    available_memory_bytes: int = 0
     last_metrics: Optional[RoundMetrics] = None
     #: the newest frame in the vision cache (index, stamp, frame_id) of the default camera
     newest_frame: FrameRef = field(default_factory=FrameRef)

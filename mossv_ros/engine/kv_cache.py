@@ -54,10 +54,8 @@ class CachePool:
     to, and no real row ever sees it or the slots after it (:attr:`text_slots` is a
     full-capacity step's span). Vision K/V: (num_cross_layers, rows,
     num_kv_heads, max_frames * T, head_dim). Zero-filled: a masked key contributes exactly 0,
-    never NaN.
-
-    :ivar graphs: the CUDA graphs captured over this pool (:class:`.graphs.StepGraphs`), or
-        None (eager steps).
+    never NaN. (The CUDA graphs captured over a pool refer to it, never the other way:
+    :attr:`.runner.ModelRunner.graphs`.)
     """
 
     def __init__(self, rows: int, num_self_layers: int, num_cross_layers: int,
@@ -77,7 +75,6 @@ class CachePool:
         self.max_frames = max_frames
         self.tokens_per_frame = tokens_per_frame
         self.device = torch.device(device)
-        self.graphs = None
         self._args = (num_self_layers, num_cross_layers, num_kv_heads, head_dim,
                       tokens_per_frame, capacity, max_frames, dtype)
 

@@ -20,6 +20,7 @@ from .quantize import quiet_torchao
 with quiet_torchao():  # (transformers' model code imports torchao when it is installed)
     from transformers.models.mllama.modeling_mllama import rotate_half
 
+from . import fusion
 from .attention import attend, SDPA_BACKENDS
 from .kv_cache import CachePool, cumulative_visibility
 from .step import StepShape, unpack
@@ -81,8 +82,9 @@ class MossVideoModel(VisionPath, nn.Module):
         self.text_config = hf_model.config.text_config
         self.vision_config = hf_model.config.vision_config
         self.attn_implementation = attn_implementation
-        #: fused q/k/v and gate/up GEMMs and RMSNorm kernels (:meth:`fuse_projections`)
-        self.fused = False
+        #: fused q/k/v and gate/up GEMMs and RMSNorm kernels (:meth:`fuse_projections`; a
+        #: model the streaming load fused comes fused)
+        self.fused = fusion.is_fused(self.text)
         #: SDPA backends of the text step, in order of preference
         self.sdpa_backends = SDPA_BACKENDS
         self.pool_stride = pool_stride
@@ -211,19 +213,16 @@ class MossVideoModel(VisionPath, nn.Module):
         return self.lm_head(self._norm(self.text.norm, x)).float()
 
     # ------------------------------------------------------------------ fused kernels
-    def fuse_projections(self) -> None:
+    def fuse_projections(self, keep_stock: bool = True) -> None:
         """Inference kernels with fewer launches (docs/model.md section 10.3): q/k/v of every
-        self-attention layer and gate/up of every MLP as one GEMM each (the stock linears'
-        weights become views of the fused weight: no extra memory), and RMSNorm through
-        ``F.rms_norm`` (one kernel where PyTorch fuses it). The same function: logits within
-        float rounding of the unfused layers (``test_step.py``). Training keeps the stock
-        modules (it never calls this)."""
-        with torch.no_grad():
-            for layer_id, layer in enumerate(self.text.layers):
-                if layer_id not in self.cross_layer_ids:
-                    attn = layer.self_attn
-                    attn.moss_qkv_weight = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
-                layer.mlp.moss_gate_up_weight = _fuse(layer.mlp.gate_proj, layer.mlp.up_proj)
+        self-attention layer and gate/up of every MLP as one GEMM each (:mod:`.fusion`; with
+        ``keep_stock`` the stock linears' weights become views of the fused weight: no extra
+        memory; without, they are dropped so a quantizer sees the fused layers only), and
+        RMSNorm through ``F.rms_norm`` (one kernel where PyTorch fuses it). The same function:
+        logits within float rounding of the unfused layers (``test_step.py``). Training keeps
+        the stock modules (it never calls this). A model loaded fused by the streaming load
+        (:func:`~.checkpoint.load_hf_model`) is fused already."""
+        fusion.fuse_in_memory(self.text, self.cross_layer_ids, keep_stock)
         self.fused = True
 
     def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -239,7 +238,7 @@ class MossVideoModel(VisionPath, nn.Module):
         """The stock gated MLP: down(act(gate(x)) * up(x))."""
         if not self.fused:
             return mlp(x)
-        gate, up = F.linear(x, mlp.moss_gate_up_weight).chunk(2, dim=-1)
+        gate, up = mlp.moss_gate_up(x).chunk(2, dim=-1)
         return mlp.down_proj(mlp.act_fn(gate) * up)
 
     # ------------------------------------------------------------------ layers (batched)
@@ -259,7 +258,7 @@ class MossVideoModel(VisionPath, nn.Module):
         h = self._norm(layer.input_layernorm, x)
         heads, kv_heads = self.num_heads, self.num_kv_heads
         if self.fused:  # one GEMM for q, k and v; q and k rotated together (signed sin)
-            qkv = F.linear(h, attn.moss_qkv_weight).view(b, q_len, heads + 2 * kv_heads, -1)
+            qkv = attn.moss_qkv(h).view(b, q_len, heads + 2 * kv_heads, -1)
             qk = rotate_rolled(qkv[:, :, :heads + kv_heads], cos[:, :, None], sin[:, :, None])
             q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
             v = qkv[:, :, heads + kv_heads:].transpose(1, 2)
@@ -305,20 +304,6 @@ def _rows(cache: torch.Tensor, rows: torch.Tensor, end: int, gather: bool) -> to
     slots, head_dim): a view when the batch is the whole pool, else gathered by ``rows``."""
     part = cache[:, :, :end]
     return part.index_select(0, rows) if gather else part
-
-
-def _fuse(*linears: nn.Linear) -> torch.Tensor:
-    """One weight for several bias-free linears of one input: their rows concatenated; each
-    linear's weight becomes a view of it (no second copy in memory)."""
-    if any(lin.bias is not None for lin in linears):
-        raise ValueError('fusing needs bias-free projections')
-    weight = torch.cat([lin.weight.detach() for lin in linears])
-    start = 0
-    for lin in linears:
-        rows = lin.weight.shape[0]
-        lin.weight = nn.Parameter(weight[start:start + rows], requires_grad=False)
-        start += rows
-    return weight
 
 
 def attn_gate(layer) -> torch.Tensor:

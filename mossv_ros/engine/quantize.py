@@ -5,9 +5,11 @@ mean less memory and, where the kernels allow, faster steps. The package quantiz
 torchao, PyTorch's own quantization library (imported only when a mode asks for it):
 
 * ``int8``: int8 weights with a scale per output row (``Int8WeightOnlyConfig``), CPU and CUDA;
-* ``fp8``: float8 (e4m3) weights (``Float8WeightOnlyConfig``), CUDA of compute capability
-  8.9 or newer (Ada, Hopper);
-* ``int4``: int4 weights in groups of 128 (``Int4WeightOnlyConfig``), CUDA only.
+* ``fp8``: float8 (e4m3) weights with a scale per row, activations quantized per row at run
+  time (``Float8DynamicActivationFloat8WeightConfig``): a real fp8 GEMM, CUDA of compute
+  capability 8.9 or newer (Ada, Hopper);
+* ``int4``: int4 weights in groups of 128 (``Int4WeightOnlyConfig``, ``tile_packed_to_4d``
+  packing: PyTorch's own int4 kernel), CUDA only.
 
 What is quantized: every linear layer, whose weights are 94 % of the 11B model's 10.67 B
 parameters: the text decoder's self- and cross-attention projections and MLPs (8.72 B), the
@@ -88,9 +90,37 @@ def is_quantized_layer(name: str) -> bool:
     return bool(name)
 
 
-def apply(hf_model, mode: str) -> int:
-    """Quantize the linear layers of ``hf_model`` in place (weights on their device
-    already). :returns: the number of layers quantized.
+def _config(mode: str):
+    """torchao's configuration for ``mode``: int8 weight-only per output row (gpt-fast's int8
+    path: the conversion fuses into the GEMM when the step is compiled); fp8 weights and
+    activations per row, served by a real fp8 GEMM (``torch._scaled_mm``, row-wise scales,
+    compute capability 8.9+); int4 in groups of 128 packed as ``tile_packed_to_4d``, served
+    by PyTorch's own ``_weight_int4pack_mm`` (torchao's default packing needs the ``mslk``
+    package, which does not install here)."""
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int4WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+        PerRow,
+    )
+    if mode == 'int8':
+        return Int8WeightOnlyConfig()
+    if mode == 'fp8':
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    return Int4WeightOnlyConfig(group_size=128, int4_packing_format='tile_packed_to_4d')
+
+
+def is_quantized(tensor) -> bool:
+    """True for a torchao weight (a tensor subclass holding quantized data and scales)."""
+    import torch
+    return type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(
+        tensor, '__tensor_flatten__')
+
+
+def apply(module, mode: str) -> int:
+    """Quantize the linear layers of ``module`` (a whole model, or one layer during the
+    streaming load) in place; weights on their device already, layers quantized before are
+    left as they are. :returns: the number of layers quantized now.
 
     :raises ValueError: torchao refused the mode here (e.g. int4 without its kernels), with
         torchao's reason.
@@ -99,35 +129,35 @@ def apply(hf_model, mode: str) -> int:
         return 0
     import torch
     _import_torchao()
-    from torchao.quantization import (
-        Float8WeightOnlyConfig,
-        Int4WeightOnlyConfig,
-        Int8WeightOnlyConfig,
-        quantize_,
-    )
-    config = {'int8': Int8WeightOnlyConfig, 'fp8': Float8WeightOnlyConfig,
-              'int4': lambda: Int4WeightOnlyConfig(group_size=128)}[mode]()
+    from torchao.quantization import quantize_
     chosen = []
 
-    def wanted(module, name: str) -> bool:
-        ok = isinstance(module, torch.nn.Linear) and is_quantized_layer(name)
+    def wanted(sub, name: str) -> bool:
+        ok = (isinstance(sub, torch.nn.Linear) and is_quantized_layer(name or 'root')
+              and not sub.weight.is_meta and not is_quantized(sub.weight))
         if ok:
             chosen.append(name)
         return ok
     try:
-        quantize_(hf_model, config, filter_fn=wanted)
+        with quiet_torchao():
+            quantize_(module, _config(mode), filter_fn=wanted)
     except Exception as exc:  # noqa: BLE001 - torchao's refusal, said as ours
         raise ValueError(f'model.quantization={mode}: torchao could not quantize the model '
                          f'here ({type(exc).__name__}: {exc}); use int8 or none') from exc
     return len(chosen)
 
 
+def count_quantized(module) -> int:
+    """Linear layers of ``module`` whose weights are quantized."""
+    import torch
+    return sum(1 for m in module.modules()
+               if isinstance(m, torch.nn.Linear) and is_quantized(m.weight))
+
+
 def stored_bytes(tensor) -> int:
     """Bytes a parameter holds on its device: a torchao tensor's inner tensors (quantized
     data, scales, zero points), or the tensor's own bytes."""
-    import torch
-    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(
-            tensor, '__tensor_flatten__'):
+    if is_quantized(tensor):
         names, _ = tensor.__tensor_flatten__()
         return sum(stored_bytes(getattr(tensor, n)) for n in names
                    if getattr(tensor, n, None) is not None)
@@ -135,5 +165,16 @@ def stored_bytes(tensor) -> int:
 
 
 def weight_bytes(module) -> int:
-    """Bytes of ``module``'s weights as stored (quantized ones at their quantized size)."""
-    return sum(stored_bytes(p) for p in module.parameters())
+    """Bytes of ``module``'s weights as stored (quantized ones at their quantized size; a
+    storage that several parameters view, such as a fused projection's, counted once)."""
+    total, seen = 0, set()
+    for p in module.parameters():
+        if is_quantized(p):
+            total += stored_bytes(p)
+            continue
+        storage = p.untyped_storage()
+        key = (storage.data_ptr(), p.device)
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total

@@ -11,7 +11,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from . import prompt as grammar
-from . import quantize, step
+from . import fusion, memory, quantize, step
 from .budget import CacheBudget
 from .checkpoint import (
     CheckpointError,
@@ -23,6 +23,7 @@ from .checkpoint import (
 from .config import EngineConfig, resolve_device_dtype
 from .frames import EncodedFrame, FrameEncoder
 from .kv_cache import CachePool
+from .memory import MemoryPlan
 from .moss_video import MossVideoModel
 from .tokens import TokenCodec
 
@@ -93,6 +94,35 @@ def _capability(device: str):
     return torch.cuda.get_device_capability(device)
 
 
+def _fuses(config: EngineConfig) -> bool:
+    """Fused q/k/v and gate/up projections (fewer, larger kernels per step, docs/model.md
+    section 10.3) on CUDA, quantized or not; the CPU keeps the stock layers."""
+    return config.device.startswith('cuda')
+
+
+def check_memory(config: EngineConfig) -> MemoryPlan:
+    """The memory plan of ``config`` (device and dtype resolved) against the memory the node
+    may use (``engine.max_device_memory_bytes``, or what is free), before any weight is read;
+    on CUDA the cap is enforced for the process
+    (``torch.cuda.set_per_process_memory_fraction``).
+
+    :raises MemoryPlanError: it does not fit; the message holds the plan and the nearest
+        configurations that fit.
+    """
+    shape = memory.model_shape(config.model_path)
+    available, total = memory.device_budget(config.device, config.max_device_memory_bytes)
+    plan = memory.plan(shape, config.quantization, config.dtype, config.device,
+                       len(config.cameras), config.max_frames, config.max_context_tokens,
+                       available)
+    if not plan.fits:
+        raise memory.MemoryPlanError(plan, memory.suggest(shape, plan))
+    if config.device.startswith('cuda') and config.max_device_memory_bytes and total:
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, config.max_device_memory_bytes / total), torch.device(config.device))
+    log.info('%s', plan.describe())
+    return plan
+
+
 def _resolved(config: EngineConfig) -> EngineConfig:
     """A validated copy of ``config`` with a concrete device and dtype (the one rule:
     :func:`~.config.resolve_device_dtype`); the fallback from CUDA is logged as a warning."""
@@ -133,8 +163,14 @@ class ModelRunner:
         impl = pick_attn_implementation(config.attn_implementation, config.device)
         read_config(path)  # architecture check first: the clearest error for a wrong folder
         quantize.check(config.quantization, config.device, _capability(config.device))
+        #: the memory plan, checked before any weight is read (:mod:`.memory`)
+        self.memory_plan = check_memory(config)
         tokenizer = load_tokenizer(path, config.trust_remote_code)
-        hf_model, extras = load_hf_model(path, dtype, config.device, progress)
+        try:
+            hf_model, extras = load_hf_model(path, dtype, config.device, progress,
+                                             config.quantization, fuse=_fuses(config))
+        except torch.OutOfMemoryError as exc:  # (from None: the traceback would hold the
+            raise memory.LoadOutOfMemoryError(self.memory_plan, str(exc)) from None  # model)
         self._setup(hf_model, tokenizer, impl, extras['pool_stride'])
 
     @classmethod
@@ -152,6 +188,10 @@ class ModelRunner:
         self.config = config
         quantize.check(config.quantization, config.device, _capability(config.device))
         impl = pick_attn_implementation(config.attn_implementation, config.device)
+        self.memory_plan = None
+        if _fuses(config):  # fused before quantizing: quantized runners keep the fused GEMMs
+            fusion.fuse_in_memory(text, text.config.cross_attention_layers,
+                                  keep_stock=config.quantization == 'none')
         self._setup(hf_model, tokenizer, impl, pool_stride)
         return self
 
@@ -169,13 +209,16 @@ class ModelRunner:
         self.budget = CacheBudget(config.max_memory_bytes, config.max_total_memory_bytes)
         #: ``model.quantization`` in use, and the bytes of the weights as stored
         self.quantization = config.quantization
-        self.num_quantized_layers = quantize.apply(hf_model, config.quantization)
+        quantize.apply(hf_model, config.quantization)  # (the streaming load did it already)
+        self.num_quantized_layers = quantize.count_quantized(hf_model)
         self.weight_bytes = quantize.weight_bytes(hf_model)
-        self.model = MossVideoModel(hf_model, impl, pool_stride)
-        if config.device.startswith('cuda') and config.quantization == 'none':
-            # fewer, larger kernels per step (section 10.3); quantized weights stay per layer
-            self.model.fuse_projections()
+        self.model = MossVideoModel(hf_model, impl, pool_stride)  # fused: see _fuses
         self.attn_implementation = impl
+        #: the text step's CUDA graphs over the engine's cache pool (:meth:`capture_graphs`;
+        #: None: eager steps)
+        self.graphs = None
+        #: device out-of-memory errors while capturing (the step then runs eagerly)
+        self.num_capture_ooms = 0
         #: frames into cross-attention K/V (:mod:`.frames`); ``tiles``, ``pixel_values``
         #: and ``encode_frames`` are its methods
         self.frames = FrameEncoder(self.model, config.device)
@@ -205,6 +248,14 @@ class ModelRunner:
                          max_frames or cfg.max_frames, m.dtype, m.device)
         return [Session(pool.row(r)) for r in range(n)]
 
+    def measured_bytes(self, pool: CachePool) -> int:
+        """Bytes this runner holds, measured: on CUDA the allocator's peak
+        (``torch.cuda.max_memory_allocated``: weights, caches, graph pools and every
+        transient); on the CPU the weights as stored plus ``pool``'s caches."""
+        if self.config.device.startswith('cuda'):
+            return int(torch.cuda.max_memory_allocated(self.config.device))
+        return self.weight_bytes + pool.nbytes
+
     # ------------------------------------------------------------------ CUDA graphs
     def capture_graphs(self, sessions: Sequence[Session]) -> str:
         """Capture the text step over the sessions' pool and the frame encoder as CUDA graphs
@@ -228,10 +279,13 @@ class ModelRunner:
         try:
             graphs = StepGraphs(self.model, pool)
             graphs.capture()
-            pool.graphs = graphs
+            self.graphs = graphs
             self.frames.capture_graph()
         except Exception as exc:  # noqa: BLE001 - any capture failure: eager, say why
-            pool.graphs = None
+            self.graphs = graphs = None
+            if isinstance(exc, torch.OutOfMemoryError):
+                self.num_capture_ooms += 1
+            torch.cuda.empty_cache()  # the failed capture's graph pool
             log.warning('CUDA graph capture failed, running eagerly: %s: %s',
                         type(exc).__name__, exc)
             return f'eager (capture failed: {type(exc).__name__}: {exc})'[:200]
@@ -294,12 +348,14 @@ class ModelRunner:
                 raise ValueError(f'token {offset} is not <|image|>')
             self.insert_frame(session, frame, start + offset, frame.frame_index)
         try:
-            logits = step.run(self.model, [session], [list(token_ids)], all_logits)
+            logits = step.run(self.model, [session], [list(token_ids)], all_logits,
+                              self.graphs)
         except torch.OutOfMemoryError:
             # Nothing was committed (the KV cache length moves only after a full forward):
             # evict frames, cap the cache below where it failed, retry once.
             self._recover_from_oom(session)
-            logits = step.run(self.model, [session], [list(token_ids)], all_logits)
+            logits = step.run(self.model, [session], [list(token_ids)], all_logits,
+                              self.graphs)
         session.next_pos += n
         return logits[0]
 
@@ -321,7 +377,8 @@ class ModelRunner:
         for session in sessions:
             self._make_room(session, 1)
         try:
-            logits = step.run(self.model, list(sessions), [[t] for t in token_ids])
+            logits = step.run(self.model, list(sessions), [[t] for t in token_ids],
+                              graphs=self.graphs)
         except torch.OutOfMemoryError:
             # nothing was committed: each session alone, with its own OOM recovery
             return torch.stack([self.feed(s, [t]) for s, t in zip(sessions, token_ids)])

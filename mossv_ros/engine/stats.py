@@ -23,6 +23,12 @@ def collect(engine) -> EngineStats:
     runner = engine.runner
     if runner is not None and engine.cameras():
         s.quantization, s.weight_bytes = runner.quantization, runner.weight_bytes
+        s.num_oom_events += runner.num_capture_ooms
+        plan = runner.memory_plan
+        if plan is not None:
+            s.planned_memory_bytes = plan.total_bytes
+            s.available_memory_bytes = plan.available_bytes
+        s.measured_memory_bytes = runner.measured_bytes(engine.cameras()[0].session.pool)
     cams = {cam.name: cam for cam in engine.cameras()}
     for name in engine.config.cameras:
         counts = per.get(name)

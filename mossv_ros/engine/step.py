@@ -173,17 +173,19 @@ def unpack(meta: torch.Tensor, shape: StepShape) -> StepTensors:
 
 
 def run(model, sessions: Sequence, tokens: Sequence[Sequence[int]],
-        all_logits: bool = False) -> torch.Tensor:
+        all_logits: bool = False, graphs=None) -> torch.Tensor:
     """Run one text step for ``sessions`` (:class:`~.runner.Session` rows of one pool, a token
-    list each): a captured graph of the pool (:mod:`.graphs`) when one fits, else eagerly
-    with ``model`` (:meth:`~.moss_video.MossVideoModel.forward_step`). Commits the written
-    rows (each session's text-cache length moves only here, after a full forward).
+    list each): a graph of ``graphs`` (:class:`~.graphs.StepGraphs` captured over that pool)
+    when one fits, else eagerly with ``model`` (:meth:`~.moss_video.MossVideoModel.
+    forward_step`). Commits the written rows (each session's text-cache length moves only
+    here, after a full forward).
 
     :returns: float32 logits (len(sessions), vocab), or (len(sessions), tokens, vocab) with
         ``all_logits``, on the model device.
     """
     pool = sessions[0].pool
-    graphs = pool.graphs
+    if graphs is not None and graphs.pool is not pool:
+        graphs = None  # captured over another pool
     if graphs is not None and not all_logits:
         if all(len(t) == 1 for t in tokens):
             shape = graphs.decode_shape(len(sessions), max(

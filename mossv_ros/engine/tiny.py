@@ -196,12 +196,16 @@ def build_tiny_model(config_dict: dict, seed: int = 0, gate_value: float = 0.5,
 
 
 def write_tiny_checkpoint(path, seed: int = 0, layout: str = 'moss',
-                          config_dict: dict = None, model=None) -> Path:
+                          config_dict: dict = None, model=None,
+                          max_shard_bytes: int = 0) -> Path:
     """Write a tiny checkpoint directory: config.json, model.safetensors, tokenizer.
 
     :param layout: 'moss' (model_type 'video_mllama', 4.46 weight names) or 'mllama'
         (transformers 5.x names and model_type).
     :param model: weights to save (e.g. a trained toy model); random when None.
+    :param max_shard_bytes: > 0: shards of at most this size (a tensor larger than it gets a
+        shard of its own), ``model-0000i-of-0000n.safetensors`` with
+        ``model.safetensors.index.json``, as checkpoints on the hub are laid out.
     :returns: the directory.
     """
     from safetensors.torch import save_file
@@ -219,7 +223,33 @@ def write_tiny_checkpoint(path, seed: int = 0, layout: str = 'moss',
     else:
         config_dict['model_type'] = 'mllama'
         config_dict['architectures'] = ['MllamaForConditionalGeneration']
-    save_file(state, str(path / 'model.safetensors'), metadata={'format': 'pt'})
+    if max_shard_bytes > 0:
+        _save_sharded(state, path, max_shard_bytes)
+    else:
+        save_file(state, str(path / 'model.safetensors'), metadata={'format': 'pt'})
     (path / 'config.json').write_text(json.dumps(config_dict, indent=2))
     write_tokenizer(path)
     return path
+
+
+def _save_sharded(state: Dict[str, torch.Tensor], path: Path, max_shard_bytes: int) -> None:
+    """``state`` in shards of at most ``max_shard_bytes`` plus the index (the layout of
+    ``model.safetensors.index.json``: ``metadata.total_size`` and ``weight_map``)."""
+    from safetensors.torch import save_file
+
+    shards, size = [{}], 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f'model-{i:05d}-of-{len(shards):05d}.safetensors'
+        save_file(shard, str(path / name), metadata={'format': 'pt'})
+        weight_map.update({key: name for key in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (path / 'model.safetensors.index.json').write_text(json.dumps(
+        {'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2))

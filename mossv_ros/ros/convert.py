@@ -227,7 +227,10 @@ def status_msg(stats: ev.EngineStats, num_invalid_frames: int,
                  num_oom_events=stats.num_oom_events,
                  num_stamp_outliers=stats.num_stamp_outliers, last_error=stats.last_error,
                  decode_path=stats.decode_path, quantization=stats.quantization,
-                 weight_bytes=stats.weight_bytes, warning=warning,
+                 weight_bytes=stats.weight_bytes,
+                 planned_memory_bytes=stats.planned_memory_bytes,
+                 measured_memory_bytes=stats.measured_memory_bytes,
+                 available_memory_bytes=stats.available_memory_bytes, warning=warning,
                  cameras=[camera_status_msg(c, gaps.get(c.name, math.nan))
                           for c in stats.cameras])
     return _header(msg, stats.newest_frame)

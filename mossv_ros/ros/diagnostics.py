@@ -56,6 +56,8 @@ def diagnostic_array(node_name: str, stamp, model: Dict[str, str], stats: ev.Eng
         level, message = ERROR, f'engine error: {stats.last_error}'
     elif state == 'loading':
         level, message = WARN, 'loading'
+    elif not loaded and stats.last_error:  # a failed configure (e.g. the memory plan)
+        level, message = ERROR, f'not loaded: {stats.last_error}'[:500]
     elif not loaded:
         level, message = WARN, 'no model loaded (set model.path)'
     else:
@@ -63,7 +65,11 @@ def diagnostic_array(node_name: str, stamp, model: Dict[str, str], stats: ev.Eng
     statuses.append(_status(f'{node_name}: model', level, message, [
         ('loaded', loaded), ('path', model.get('path', '')), ('device', model.get('device', '')),
         ('dtype', model.get('dtype', '')), ('attention', model.get('attention', '')),
-        ('quantization', stats.quantization), ('weight_bytes', stats.weight_bytes)]))
+        ('quantization', stats.quantization), ('weight_bytes', stats.weight_bytes),
+        ('planned_memory_bytes', stats.planned_memory_bytes),
+        ('measured_memory_bytes', stats.measured_memory_bytes),
+        ('available_memory_bytes', stats.available_memory_bytes),
+        ('memory_plan', model.get('memory_plan', ''))]))
     m = stats.last_metrics or ev.RoundMetrics()
     engine_level = ERROR if state == 'error' else (OK if state in ('ready', 'inactive')
                                                    else WARN)
@@ -71,6 +77,10 @@ def diagnostic_array(node_name: str, stamp, model: Dict[str, str], stats: ev.Eng
                       if state == 'inactive' else state)
     if engine_level == OK and 'capture failed' in stats.decode_path:
         engine_level, engine_message = WARN, f'{state}, {stats.decode_path}'
+    if engine_level == OK and stats.num_oom_events:
+        engine_level, engine_message = WARN, (
+            f'{state}, device out of memory {stats.num_oom_events} time(s) (frames evicted, '
+            'or the step runs eagerly): see the memory plan')
     statuses.append(_status(f'{node_name}: engine', engine_level, engine_message, [
         ('state', state), ('lifecycle_state', lifecycle_state),
         ('decode_path', stats.decode_path),

@@ -47,6 +47,9 @@ class RequestIntake:
         node = self._node
         if node.loading:
             return False, 0, 'not ready: the model is loading'
+        if node.configure_error and node.engine is None:
+            return False, 0, (f'not ready: configure failed: {node.configure_error} (fix it, '
+                              'then configure again)')[:2000]
         if not node.active:
             why = ' after an engine error' if node.engine_failed else ''
             return False, 0, (f'not ready: the node is {node.lifecycle_state()}{why} '

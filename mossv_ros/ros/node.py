@@ -54,6 +54,9 @@ class AssistantNode(LifecycleNode):
         self.engine: Optional[StreamingEngine] = None
         self.engine_config: Optional[EngineConfig] = None
         self.loading = self.active = self.engine_failed = False
+        #: why the last configure failed ('' when it did not): Status, /diagnostics and every
+        #: refused request say it
+        self.configure_error = ''
         self._round_ids = itertools.count(1)  # one counter for every engine of the node
         self._param_defaults = {**engine_defaults(), **NODE_DEFAULTS}
         self._gate = ParameterGate.declare(self, self._param_defaults)
@@ -114,13 +117,13 @@ class AssistantNode(LifecycleNode):
     # ------------------------------------------------------------------ lifecycle
     @logged_transition
     def on_configure(self, state) -> TransitionCallbackReturn:
+        self.configure_error = ''
         try:
             values = self._gate.values()
             config = engine_config_from_params(values)
             validate_node_params(values)
         except ValueError as exc:
-            self.get_logger().error(f'invalid parameters: {exc}')
-            return TransitionCallbackReturn.FAILURE
+            return self._failed(f'invalid parameters: {exc}')
         self.engine_config = config
         self._start_timers('status', 'diagnostics')
         if self.engine is not None and self.engine.config == config:
@@ -136,6 +139,7 @@ class AssistantNode(LifecycleNode):
 
     def _load(self, config: EngineConfig) -> TransitionCallbackReturn:
         from ..engine.checkpoint import CheckpointError
+        from ..engine.memory import MemoryPlanError
         from ..engine.runner import ModelRunner
         self.get_logger().info(f'loading {config.model_path} (engine.device {config.device}, '
                                f'engine.dtype {config.dtype})')
@@ -149,14 +153,25 @@ class AssistantNode(LifecycleNode):
                                               round_ids=self._round_ids)
                 self.engine.start()
                 ok = self._started(self.engine, 120.0)
+        except MemoryPlanError as exc:
+            return self._failed(f'does not fit in memory: {exc}')
         except (CheckpointError, ValueError, OSError) as exc:
-            self.get_logger().error(f'cannot load model: {exc}')
-            return TransitionCallbackReturn.FAILURE
+            return self._failed(f'cannot load model: {exc}')
         finally:
             self.loading = False
         if ok == TransitionCallbackReturn.SUCCESS:
             self._log_ready(runner, time.monotonic() - t0)
+        else:  # the engine's model, caches and graphs go before anything new is loaded
+            self._stop_engine()
         return ok
+
+    def _failed(self, why: str) -> TransitionCallbackReturn:
+        """A failed configure: logged, kept for Status and every refused request; the node
+        stays alive and unconfigured (configure again after fixing the cause)."""
+        self.configure_error = why
+        self.get_logger().error(why)
+        _release_device_memory()
+        return TransitionCallbackReturn.FAILURE
 
     def _log_ready(self, runner, seconds: float) -> None:
         self.get_logger().info(
@@ -167,8 +182,7 @@ class AssistantNode(LifecycleNode):
     def _started(self, engine: StreamingEngine, timeout: float) -> TransitionCallbackReturn:
         if engine.wait_ready(timeout):
             return TransitionCallbackReturn.SUCCESS
-        self.get_logger().error(f'engine failed to start: {engine.stats().last_error}')
-        return TransitionCallbackReturn.FAILURE
+        return self._failed(f'engine failed to start: {engine.stats().last_error}')
 
     def _start_timers(self, *names: str) -> None:
         """(Re)start the named timers at their periods, on the steady clock: with
@@ -238,11 +252,8 @@ class AssistantNode(LifecycleNode):
         self.engine.stop(timeout=2.0)
         self._drain_events()
         self.intake.action.abort_all('shutdown')  # goals the engine left without a final
-        self.engine = None
-        with contextlib.suppress(ImportError):
-            import torch
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        self.engine = None  # the last reference: model, caches and graphs are freed here
+        _release_device_memory()
 
     # ------------------------------------------------------------------ events out
     def _on_image(self, msg: Image) -> None:
@@ -298,3 +309,12 @@ class AssistantNode(LifecycleNode):
     @never_raises
     def _check_graph(self) -> None:
         self.ingest.check_graph()
+
+
+def _release_device_memory() -> None:
+    """Hand the CUDA allocator's cached blocks back to the device (after the engine, its model
+    and caches were dropped), so the next configure or another process can use them."""
+    with contextlib.suppress(ImportError):
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

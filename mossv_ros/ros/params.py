@@ -19,6 +19,7 @@ PARAM_TO_FIELD = {
     'engine.attn_implementation': 'attn_implementation',
     'engine.cuda_graphs': 'cuda_graphs',
     'engine.cpu_threads': 'cpu_threads',
+    'engine.max_device_memory_bytes': 'max_device_memory_bytes',
     'frames.rate_hz': 'frame_rate_hz',
     'frames.max_queue': 'max_frame_queue',
     'frames.reset_after_gap_sec': 'reset_after_gap_sec',

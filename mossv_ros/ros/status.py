@@ -85,7 +85,7 @@ class StatusReporter:
         if node.loading:
             return ev.EngineStats(state='loading', model_name=node.model_name())
         if engine is None:
-            return ev.EngineStats(state='unloaded')
+            return ev.EngineStats(state='unloaded', last_error=node.configure_error)
         stats = engine.stats()
         if stats.state == 'ready' and not node.active:
             stats.state = 'inactive'
@@ -116,6 +116,10 @@ class StatusReporter:
             cfg = engine.runner.config
             model.update(device=cfg.device, dtype=cfg.dtype,
                          attention=engine.runner.attn_implementation)
+            plan = engine.runner.memory_plan
+            if plan is not None:
+                model['memory_plan'] = '; '.join(f'{what}: {n} bytes ({how})'
+                                                 for what, n, how in plan.rows())
         stamps = engine.topic_stamps() if engine else {}
         per_camera = {c.name: c for c in stats.cameras}
         cameras = []
