@@ -75,6 +75,36 @@ def cmd_offline(ns) -> int:
     return 0
 
 
+def cmd_plan(ns) -> int:
+    """Print the memory plan of a configuration without loading a weight (:mod:`.engine.
+    memory`): from config.json and the parameters; with --memory-gib (or a CUDA device here)
+    whether it fits and what would; with --table what fits on common cards."""
+    from .engine import memory
+    shape = memory.model_shape(ns.model)
+    dtype = ns.dtype or ('bfloat16' if ns.device.startswith('cuda') else 'float32')
+    available = int(ns.memory_gib * memory.GIB) if ns.memory_gib else 0
+    if not available and ns.device.startswith('cuda'):
+        import torch
+        if torch.cuda.is_available():
+            available = memory.device_budget(ns.device, 0)[0]
+    plan = memory.plan(shape, ns.quantization, dtype, ns.device, ns.cameras, ns.max_frames,
+                       ns.max_context_tokens, available)
+    print(plan.describe())
+    if not plan.fits:
+        fixes = memory.suggest(shape, plan)
+        print('would fit: ' + (' | '.join(fixes) if fixes else 'nothing (the model alone is '
+                                                             'larger)'))
+    if ns.table:
+        table = memory.fit_table(shape, dtype, max_frames=ns.max_frames,
+                                 max_context_tokens=ns.max_context_tokens)
+        cards = list(next(iter(table.values())))
+        print('\n| configuration | ' + ' | '.join(cards) + ' |')
+        print('|---|' + '---|' * len(cards))
+        for row, fits in table.items():
+            print(f'| {row} | ' + ' | '.join(fits.values()) + ' |')
+    return 0 if plan.fits else 1
+
+
 def cmd_bag_from_video(ns) -> int:
     from tqdm import tqdm
 
@@ -184,6 +214,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument('--quantization', choices=QUANTIZATIONS,
                      help='linear-layer weights (overrides model.quantization)')
     run.set_defaults(func=cmd_run)
+    plan = sub.add_parser(
+        'plan', help='print the GPU memory a configuration needs, without loading anything',
+        epilog='exit codes: 0 fits (or no memory figure to compare with), 1 does not fit, '
+        '2 bad arguments or checkpoint')
+    plan.add_argument('--model', required=True, help='checkpoint directory (its config.json)')
+    plan.add_argument('--quantization', choices=QUANTIZATIONS, default='none')
+    plan.add_argument('--cameras', type=_positive(int), default=1, help='camera sessions')
+    plan.add_argument('--device', default='cuda', help='cpu or cuda[:N] (default cuda)')
+    plan.add_argument('--dtype', choices=['bfloat16', 'float16', 'float32'],
+                      help='model dtype (default bfloat16 on CUDA, float32 on the CPU)')
+    plan.add_argument('--max-frames', type=_positive(int), default=256,
+                      help='cache.max_frames')
+    plan.add_argument('--max-context-tokens', type=_positive(int), default=4096,
+                      help='cache.max_context_tokens')
+    plan.add_argument('--memory-gib', type=float, default=0.0,
+                      help='memory the node may use, GiB (default: the free memory of a CUDA '
+                      'device here, else no comparison)')
+    plan.add_argument('--table', action='store_true',
+                      help='also print what fits on 16, 24, 32 and 80 GiB cards per mode and '
+                      'number of cameras')
+    plan.set_defaults(func=cmd_plan)
     demo = sub.add_parser('demo', help='the embedded default: a toyworld episode answered by '
                           'the shipped toyworld model')
     demo.add_argument('--video', help='play this video file (tiny random model) instead')

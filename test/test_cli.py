@@ -148,3 +148,25 @@ def test_bag_from_video_then_play_round_trips(ros_context, tmp_path, storage, co
     assert [m.request_id for m in got['/q']] == [f'bag-0@{tag}', f'bag-1@{tag}']
     if not compressed:
         assert got['/cam'][0].encoding == 'bgr8' and got['/cam'][0].width == 160
+
+
+def test_plan_sizes_a_gpu_from_config_json_alone(tmp_path):
+    """Issue 33: ``mossv-ros plan`` reads config.json only (no weights present here), says
+    whether the 11B model fits a 16 GiB card, what would, and what fits which card."""
+    import json
+
+    from mossv_ros.engine.tiny import moss_11b_config_dict
+    (tmp_path / 'config.json').write_text(json.dumps(moss_11b_config_dict()))
+    no = mossv_ros('plan', '--model', str(tmp_path), '--memory-gib', '16')
+    assert no.returncode == 1, no.stdout + no.stderr
+    assert 'does NOT fit' in no.stdout and 'would fit: model.quantization:=int8' in no.stdout
+    yes = mossv_ros('plan', '--model', str(tmp_path), '--memory-gib', '16', '--quantization',
+                    'int8', '--table')
+    assert yes.returncode == 0 and ': fits' in yes.stdout, yes.stdout + yes.stderr
+    rows = {line.split('|')[1].strip().split(':')[0]: [c.strip() for c in line.split('|')[2:6]]
+            for line in yes.stdout.splitlines() if line.startswith('| ') and 'camera' in line}
+    assert rows['none, 1 camera(s)'] == ['no', 'yes', 'yes', 'yes']
+    assert rows['int8, 1 camera(s)'] == ['yes', 'yes', 'yes', 'yes']
+    bad = mossv_ros('plan', '--model', str(tmp_path / 'missing'))
+    assert bad.returncode == 2 and 'no config.json' in bad.stderr and 'Traceback' not in \
+        bad.stderr

@@ -249,3 +249,52 @@ def test_a_stopped_engine_is_freed_without_the_garbage_collector(tiny_checkpoint
     finally:
         gc.enable()
     assert alive == []
+
+
+def test_an_oom_at_graph_capture_is_counted_and_warned(tiny_checkpoint, monkeypatch):
+    """A device OOM while capturing the CUDA graphs (forced here, as if on CUDA): the engine
+    runs eagerly, Status's decode_path says why, the OOM is counted and /diagnostics WARNs."""
+    import dataclasses
+
+    from mossv_ros.engine import graphs
+    from mossv_ros.engine.engine import StreamingEngine
+
+    def out_of_memory(self):
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+    monkeypatch.setattr(graphs.StepGraphs, 'capture', out_of_memory)
+    cfg = EngineConfig(model_path=str(tiny_checkpoint), max_frames=8, max_context_tokens=2048)
+    runner = ModelRunner(cfg)
+    runner.config = dataclasses.replace(runner.config, device='cuda')  # as if on a GPU
+    engine = StreamingEngine(cfg, runner=runner)
+    engine.start()
+    try:
+        assert engine.wait_ready(60)
+        stats = engine.stats()
+    finally:
+        engine.stop()
+    assert stats.decode_path.startswith('eager (capture failed: OutOfMemoryError')
+    assert stats.num_oom_events == 1
+    pytest.importorskip('diagnostic_msgs')
+    from diagnostic_msgs.msg import DiagnosticStatus
+    from mossv_ros.ros.diagnostics import diagnostic_array
+    from builtin_interfaces.msg import Time
+    array = diagnostic_array('n', Time(), {}, stats, [], 2.0, None)
+    part = next(st for st in array.status if st.name == 'n: engine')
+    assert part.level == DiagnosticStatus.WARN and 'capture failed' in part.message
+
+
+def test_an_oom_in_decode_is_counted_and_warned():
+    """A device OOM survived in decode (frames evicted) makes /diagnostics WARN with the
+    count, though the engine stays ready."""
+    pytest.importorskip('diagnostic_msgs')
+    from builtin_interfaces.msg import Time
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    from mossv_ros.engine.events import EngineStats
+    from mossv_ros.ros.diagnostics import diagnostic_array
+    for count, level in ((0, DiagnosticStatus.OK), (2, DiagnosticStatus.WARN)):
+        stats = EngineStats(state='ready', num_oom_events=count, decode_path='eager (cpu)')
+        part = next(st for st in diagnostic_array('n', Time(), {}, stats, [], 2.0, None).status
+                    if st.name == 'n: engine')
+        assert part.level == level
+        assert ('out of memory 2 time(s)' in part.message) == bool(count)

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from .ros_helpers import assistant_in_process, spin_until, teardown_assistant
+from .ros_helpers import assistant_in_process, spin_until, teardown_assistant, wait_for
 
 rclpy = pytest.importorskip('rclpy')
 pytestmark = [pytest.mark.ros, pytest.mark.timeout(300)]
@@ -203,3 +203,91 @@ def test_quantization_is_refused_or_reported(ros_context, tiny_checkpoint):
         assert got['status'][-1].state in (Status.STATE_UNLOADED, Status.STATE_INACTIVE)
     finally:
         teardown_assistant(executor, node, probe)
+
+
+def test_a_configuration_that_does_not_fit_says_why_and_what_would(ros_context,
+                                                                    tiny_checkpoint):
+    """Issue 33: the memory plan refuses a configuration before any weight is read; the node
+    stays alive and unconfigured, every request, Status and /diagnostics say why and what would
+    fit; after ``ros2 param set`` of a suggestion, configure succeeds and Status carries the
+    planned, measured and available bytes."""
+    from diagnostic_msgs.msg import DiagnosticStatus
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    node, executor = assistant_in_process(ros_context, tiny_checkpoint, **{
+        'engine.max_device_memory_bytes': 1 << 26, 'cache.max_frames': 8000,
+        'diagnostics.period_sec': 0.2})
+    probe, got = _probe(ros_context)
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert node.lifecycle_state() == 'unconfigured' and node.engine is None
+        ok, _, why = node.intake.submit('anyone?', 'q')
+        assert not ok and 'does not fit in memory' in why and 'cache.max_frames:=' in why, why
+        assert spin_until(probe, lambda: 'does not fit' in (
+            got['status'][-1].last_error if got['status'] else ''), 10)
+        assert spin_until(probe, lambda: _part(got, 'model')[0] is not None and _part(
+            got, 'model')[0].level == DiagnosticStatus.ERROR, 10)
+        fix = next(f for f in why.split(' | ') + why.split('; would fit: ')
+                   if f.startswith('cache.max_frames:='))
+        frames = int(fix.split(':=')[1].split()[0].rstrip(')'))
+        node.set_parameters([Parameter('cache.max_frames', value=frames)])
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node.configure_error == ''
+        assert spin_until(probe, lambda: got['status'] and got['status'][-1].state_text
+                          == 'inactive', 10)
+        status = got['status'][-1]
+        assert status.available_memory_bytes == 1 << 26
+        assert 0 < status.measured_memory_bytes <= status.planned_memory_bytes <= 1 << 26
+    finally:
+        teardown_assistant(executor, node, probe)
+
+
+def test_cleanup_and_reconfigure_free_the_model_without_the_collector(ros_context,
+                                                                       tiny_checkpoint):
+    """Issue 33: with the garbage collector off, the model, its caches and graphs die at
+    cleanup, and a reconfigure that changes a parameter frees the old model before it loads
+    the new one (a GPU never holds two models)."""
+    import gc
+    import weakref
+
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+    ok = TransitionCallbackReturn.SUCCESS
+    node, executor = assistant_in_process(ros_context, tiny_checkpoint)
+    gc.collect()
+    gc.disable()
+    try:
+        for cycle in range(3):
+            assert node.trigger_configure() == ok
+            model = weakref.ref(node.engine.runner.model)
+            pool = weakref.ref(node.engine.session.pool)
+            assert node.trigger_cleanup() == ok
+            assert model() is None and pool() is None, f'cycle {cycle}'
+        # an engine failure while active leaves the node unconfigured with its engine kept
+        # (configure restarts it without a reload); a parameter changed then means a new
+        # model: the old one must be gone before the new one is read
+        from mossv_ros.engine.events import ErrorEvent
+        assert node.trigger_configure() == ok and node.trigger_activate() == ok
+        old = weakref.ref(node.engine.runner.model)
+        node.engine.emit(ErrorEvent('injected failure', fatal=True))
+        assert wait_for(lambda: node.lifecycle_state() == 'unconfigured', 10)
+        assert old() is not None
+        seen = []
+        from mossv_ros.engine import runner as runner_module
+        load = runner_module.load_hf_model
+
+        def spy(*args, **kwargs):
+            seen.append(old() is None)  # the old model is gone before a weight is read
+            return load(*args, **kwargs)
+        runner_module.load_hf_model = spy
+        try:
+            node.set_parameters([Parameter('cache.max_frames', value=12)])
+            assert node.trigger_configure() == ok
+        finally:
+            runner_module.load_hf_model = load
+        assert seen == [True] and old() is None
+        assert node.engine.runner.config.max_frames == 12
+    finally:
+        gc.enable()
+        teardown_assistant(executor, node)

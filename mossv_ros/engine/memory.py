@@ -115,9 +115,11 @@ def model_shape(path) -> ModelShape:
     :raises CheckpointError: (from :func:`~.checkpoint.read_config`) a bad directory.
     """
     import torch
-    from transformers import MllamaForConditionalGeneration
 
     from .checkpoint import read_config
+    from .quantize import quiet_torchao
+    with quiet_torchao():
+        from transformers import MllamaForConditionalGeneration
     config, extras = read_config(Path(path))
     with torch.device('meta'):
         model = MllamaForConditionalGeneration(config)
@@ -344,18 +346,24 @@ class LoadOutOfMemoryError(MemoryPlanError):
                             f'headroom\n{plan.describe()}')
 
 
+#: memory of a CUDA card that the node cannot have: the CUDA context (kernels, handles) of
+#: its process, about 0.5 GiB (an estimate; ``torch.cuda.mem_get_info`` on a robot reads it)
+CUDA_CONTEXT = 512 * MIB
+
+
 def fit_table(shape: ModelShape, dtype: str, card_gib=(16, 24, 32, 80), cameras=(1, 2, 4),
               modes=('none', 'int8', 'fp8', 'int4'), max_frames: int = 256,
               max_context_tokens: int = 4096) -> Dict[str, Dict[str, str]]:
-    """{'<mode>, <n> camera(s)': {'<g> GiB': 'yes (x GiB)' / 'no'}} at the given cache sizes,
-    for the README's table and ``mossv-ros plan --table``."""
+    """{'<mode>, <n> camera(s): <total>': {'<g> GiB': 'yes' / 'no'}} at the given cache
+    sizes, a card of ``g`` GiB offering ``g`` GiB less :data:`CUDA_CONTEXT`; for the README's
+    table and ``mossv-ros plan --table``."""
     table = {}
     for mode in modes:
         for n in cameras:
             p = plan(shape, mode, dtype, 'cuda', n, max_frames, max_context_tokens)
             row = {}
             for g in card_gib:
-                row[f'{g} GiB'] = 'yes' if p.total_bytes <= g * GIB else 'no'
+                row[f'{g} GiB'] = 'yes' if p.total_bytes <= g * GIB - CUDA_CONTEXT else 'no'
             table[f'{mode}, {n} camera(s): {gib(p.total_bytes)}'] = row
     return table
 

@@ -252,8 +252,8 @@ class ModelRunner:
         """Bytes this runner holds, measured: on CUDA the allocator's peak
         (``torch.cuda.max_memory_allocated``: weights, caches, graph pools and every
         transient); on the CPU the weights as stored plus ``pool``'s caches."""
-        if self.config.device.startswith('cuda'):
-            return int(torch.cuda.max_memory_allocated(self.config.device))
+        if pool.device.type == 'cuda':
+            return int(torch.cuda.max_memory_allocated(pool.device))
         return self.weight_bytes + pool.nbytes
 
     # ------------------------------------------------------------------ CUDA graphs
