@@ -23,9 +23,9 @@ from mossv_ros.engine.tiny import build_tiny_model, tiny_config_dict, write_tiny
 
 def _logits(hf_model, frame_image):
     """A short stream through the MOSS forward: prefill, a frame, a question, decode."""
+    from mossv_ros.engine import step
     from mossv_ros.engine.kv_cache import CachePool
     from mossv_ros.engine.runner import Session
-    from mossv_ros.engine import step
     model = MossVideoModel(hf_model)
     pool = CachePool(1, len(model.self_layer_ids), len(model.cross_layer_ids),
                      model.num_kv_heads, model.head_dim, model.tokens_per_frame, 512, 4,
@@ -98,10 +98,11 @@ def test_int8_fused_streaming_load_quantizes_the_fused_layers(tmp_path, referenc
     assert float((a - want).abs().max()) < 0.05 * float(want.abs().max())
 
 
-def test_the_load_never_holds_more_than_one_layer_unquantized(tmp_path, reference,
+def test_the_load_never_holds_more_than_one_linear_unquantized(tmp_path, reference,
                                                               monkeypatch):
-    """Layer by layer: each time the loader quantizes, the float linear weights in the model
-    are those of the layer it just read, never the model's."""
+    """Tensor by tensor: each time the loader quantizes, the float linear weights in the model
+    are at most those of the module it quantizes (one linear layer), never a layer's or the
+    model's."""
     pytest.importorskip('torchao')
     cfg, model, _, _ = reference
     path = write_tiny_checkpoint(tmp_path / 'ckpt', config_dict=cfg, model=model,
@@ -275,9 +276,10 @@ def test_an_oom_at_graph_capture_is_counted_and_warned(tiny_checkpoint, monkeypa
     assert stats.decode_path.startswith('eager (capture failed: OutOfMemoryError')
     assert stats.num_oom_events == 1
     pytest.importorskip('diagnostic_msgs')
-    from diagnostic_msgs.msg import DiagnosticStatus
-    from mossv_ros.ros.diagnostics import diagnostic_array
     from builtin_interfaces.msg import Time
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    from mossv_ros.ros.diagnostics import diagnostic_array
     array = diagnostic_array('n', Time(), {}, stats, [], 2.0, None)
     part = next(st for st in array.status if st.name == 'n: engine')
     assert part.level == DiagnosticStatus.WARN and 'capture failed' in part.message

@@ -15,6 +15,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import prompt as grammar
+from .reclaim import trim_host_heap
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +144,14 @@ def load_hf_model(path: Path, dtype: torch.dtype, device: str,
     """Build the stock Mllama model on the meta device and stream its weights in.
 
     Weights go from the memory-mapped safetensors files to ``device`` one tensor at a time, a
-    layer (decoder or encoder layer, or top-level module) after another; when a layer is
-    complete its linear layers are quantized (``quantization``, :func:`.quantize.apply`) before
-    the next layer is read. With ``fuse`` the q/k/v and gate/up projections of the text model
-    are filled into their fused linears (:mod:`.fusion`) as they arrive, so quantized weights
-    keep the fused GEMMs. So the device holds at most the final weights plus one layer in the
-    model dtype, and the host one tensor's file pages plus its converted copy (no host copy of
-    the model: ``bench/bench_memory.py`` measures both). The MOSS 4.46 layout and the mllama
+    layer (decoder or encoder layer, or top-level module) after another; each linear layer is
+    quantized (``quantization``, :func:`.quantize.apply`) as soon as its weight is in, before
+    the next tensor is read. With ``fuse`` the q/k/v and gate/up projections of the text model
+    are filled into their fused linears (:mod:`.fusion`) as they arrive and quantized once
+    complete, so quantized weights keep the fused GEMMs. So the device holds at most the final
+    weights plus one fused projection in the model dtype, and the host one tensor's file pages
+    plus its converted copy (no host copy of the model: ``bench/bench_memory.py`` measures
+    it). The MOSS 4.46 layout and the mllama
     layout load alike, sharded with an index or in one file (docs/model.md section 6.1).
 
     :param dtype: the model dtype (every weight is converted to it as it is read).
@@ -176,36 +178,38 @@ def load_hf_model(path: Path, dtype: torch.dtype, device: str,
         raise CheckpointError(f'{path}: weights do not match the Mllama architecture: '
                               f'missing {missing[:5]}, unexpected {unexpected[:5]}')
     text = model.model.language_model
-    slots: Dict[str, Tuple[torch.Tensor, int]] = {}  # stock weight -> (fused weight, row)
-    finishers = {}  # group -> [(parent, fused, stock)]
+    slots: Dict[str, Tuple[torch.Tensor, int, tuple]] = {}  # stock weight -> fused rows
+    waiting: Dict[int, set] = {}  # fused linear -> the stock weights not read yet
     text_prefix = 'model.language_model.'
     for parent, fused, stock in (fusion.targets(text, config.text_config.cross_attention_layers)
                                  if fuse else ()):
         starts = fusion.empty_fused(parent, fused, stock, device, dtype)
         prefix = text_prefix + _module_name(text, parent)
+        target = (parent, fused, stock)
+        waiting[id(parent)] = set()
         for name, row in starts:
-            slots[f'{prefix}.{name}.weight'] = (getattr(parent, fused).weight, row)
-        finishers.setdefault(_group_of(f'{prefix}.{stock[0]}.weight'), []).append(
-            (parent, fused, stock))
+            slots[f'{prefix}.{name}.weight'] = (getattr(parent, fused).weight, row, target)
+            waiting[id(parent)].add(f'{prefix}.{name}.weight')
     groups: Dict[str, list] = {}
     for name in sorted(where, key=lambda n: (str(where[n][0]), _natural(n))):
         groups.setdefault(_group_of(name), []).append(name)
-    handles: Dict[Path, object] = {}
-    try:
-        for done, (group, names) in enumerate(groups.items(), 1):
-            for name in names:
-                file, stored = where[name]
-                if file not in handles:
-                    handles[file] = safe_open(str(file), framework='pt', device='cpu')
-                _place(model, name, handles[file].get_tensor(stored), expected[name], slots,
-                       device, dtype)
-            for parent, fused, stock in finishers.get(group, ()):
-                fusion.finish(parent, fused, stock, keep_stock=quantization == 'none')
-            quantize.apply(model.get_submodule(group), quantization)
-            if progress:
-                progress(done, len(groups))
-    finally:
-        handles.clear()
+    for done, (group, names) in enumerate(groups.items(), 1):
+        for name in names:
+            file, stored = where[name]
+            # a handle per tensor: the file's pages stay mapped (and resident) only while
+            # their tensor is converted, never the whole file
+            with safe_open(str(file), framework='pt', device='cpu') as handle:
+                complete = _place(model, name, handle.get_tensor(stored), expected[name],
+                                  slots, waiting, device, dtype)
+            if complete is not None:  # a linear layer complete: quantized before the next
+                if isinstance(complete, tuple):  # a fused one
+                    parent, fused, stock = complete
+                    fusion.finish(parent, fused, stock, keep_stock=quantization == 'none')
+                    complete = getattr(parent, fused)
+                if quantize.apply(complete, quantization):
+                    trim_host_heap()
+        if progress:
+            progress(done, len(groups))
     text.rotary_emb = MllamaRotaryEmbedding(config.text_config).to(device)  # float32 table
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
                  if t.is_meta]
@@ -227,24 +231,31 @@ def _module_name(root, module) -> str:
     raise KeyError('module not in the model')
 
 
-def _place(model, name: str, tensor: torch.Tensor, meta: torch.Tensor, slots, device,
-           dtype) -> None:
+def _place(model, name: str, tensor: torch.Tensor, meta: torch.Tensor, slots, waiting,
+           device, dtype):
     """Put one tensor read from a file (a view of its memory map) where it belongs: rows of a
     fused weight, or a parameter of its own; converted to ``dtype`` on ``device`` (always a
-    copy: the model never keeps a view of the file)."""
+    copy: the model never keeps a view of the file).
+
+    :returns: what is now complete and may be quantized: a linear layer, a (parent, fused
+        name, stock names) fusion whose rows have all arrived, or None.
+    """
     if tuple(tensor.shape) != tuple(meta.shape):
         raise CheckpointError(f'{name}: shape {tuple(tensor.shape)} in the checkpoint, '
                               f'{tuple(meta.shape)} expected by config.json')
     slot = slots.get(name)
     if slot is not None:
-        fused, row = slot
+        fused, row, target = slot
         with torch.no_grad():
             fused[row:row + tensor.shape[0]].copy_(tensor)
-        return
+        left = waiting[id(target[0])]
+        left.discard(name)
+        return None if left else target
     module_name, _, attr = name.rpartition('.')
     module = model.get_submodule(module_name)
     module._parameters[attr] = torch.nn.Parameter(
         tensor.to(device=device, dtype=dtype, copy=True), requires_grad=False)
+    return module if isinstance(module, torch.nn.Linear) and attr == 'weight' else None
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):

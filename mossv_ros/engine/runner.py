@@ -10,8 +10,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import prompt as grammar
 from . import fusion, memory, quantize, step
+from . import prompt as grammar
 from .budget import CacheBudget
 from .checkpoint import (
     CheckpointError,

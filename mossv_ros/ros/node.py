@@ -5,7 +5,6 @@ Jobs live in modules of their own: camera topics in (:mod:`.ingest`), requests i
 action (:mod:`.action`), messages (:mod:`.convert`); the engine decides. Engine events cross
 into the executor through a guard condition (ros2/examples ``trigger_guard_condition.py``).
 """
-import contextlib
 import itertools
 import time
 from typing import Callable, Optional
@@ -20,18 +19,18 @@ from sensor_msgs.msg import Image
 from ..engine import events as ev
 from ..engine.config import EngineConfig, model_name
 from ..engine.engine import StreamingEngine
+from ..engine.reclaim import release_freed_memory
 from . import convert
 from .callbacks import logged_transition, never_raises, warnings_to
+from .gate import ParameterGate
 from .ingest import CameraIngest, GRAPH_CHECK_SEC
 from .intake import RequestIntake
-from .overlay import OverlayPublisher, OverlayState
+from .overlay import OverlayPublisher
 from .params import (
     camera_topics,
     engine_config_from_params,
     engine_defaults,
     NODE_DEFAULTS,
-    ParameterGate,
-    unknown_params,
     validate_node_params,
 )
 from .status import StatusReporter, Warnings
@@ -77,21 +76,14 @@ class AssistantNode(LifecycleNode):
                                      self.create_publisher(DiagnosticArray, '/diagnostics', 10))
         self._overlay = OverlayPublisher(self.create_publisher(Image, '~/overlay',
                                                                qos_profile_sensor_data))
-        self._overlay_state = OverlayState()
         self._node_timers = {}
         self._start_timers('diagnostics')
 
     def set_parameters_atomically(self, parameter_list):
-        """rclpy refuses an undeclared parameter with 'undeclared parameter(s): []'; say which,
-        and the closest declared name."""
-        unknown = [p.name for p in parameter_list if not self.has_parameter(p.name)]
-        if unknown:
-            from rcl_interfaces.msg import SetParametersResult
-            return SetParametersResult(successful=False, reason=(
-                'not a parameter of this node: ' + ', '.join(
-                    unknown_params(unknown, self._parameters)) + ' (ros2 param list names '
-                'them all)'))
-        return super().set_parameters_atomically(parameter_list)
+        """rclpy refuses an undeclared parameter with 'undeclared parameter(s): []'; the gate
+        says which, and the closest declared name."""
+        return (self._gate.refuse_unknown(parameter_list)
+                or super().set_parameters_atomically(parameter_list))
 
     def destroy_node(self):
         self._overlay.close()  # the action server is a waitable: destroy_node destroys it
@@ -170,7 +162,7 @@ class AssistantNode(LifecycleNode):
         stays alive and unconfigured (configure again after fixing the cause)."""
         self.configure_error = why
         self.get_logger().error(why)
-        _release_device_memory()
+        release_freed_memory()
         return TransitionCallbackReturn.FAILURE
 
     def _log_ready(self, runner, seconds: float) -> None:
@@ -253,7 +245,7 @@ class AssistantNode(LifecycleNode):
         self._drain_events()
         self.intake.action.abort_all('shutdown')  # goals the engine left without a final
         self.engine = None  # the last reference: model, caches and graphs are freed here
-        _release_device_memory()
+        release_freed_memory()
 
     # ------------------------------------------------------------------ events out
     def _on_image(self, msg: Image) -> None:
@@ -279,7 +271,7 @@ class AssistantNode(LifecycleNode):
             self.intake.action.on_event(event)
         engine = self.engine
         if engine is None or getattr(event, 'camera', '') in ('', engine.config.cameras[0]):
-            self._show(event)  # ~/overlay shows the default camera
+            self._overlay.show(event)  # ~/overlay shows the default camera
         message = convert.event_msg(event)
         if message is not None:
             self._pubs[message[0]].publish(message[1])
@@ -292,12 +284,6 @@ class AssistantNode(LifecycleNode):
         elif isinstance(event, ev.SessionResetEvent):
             self.get_logger().info(f'session reset: {event.reason}')
 
-    def _show(self, event) -> None:
-        picture = self._overlay_state.update(event)
-        if picture is not None and self._overlay.wanted():
-            frame, say = picture
-            self._overlay.submit(frame.image, convert.header_of(frame.source), say)
-
     @never_raises
     def _publish_status(self) -> None:
         self.status.publish_status()
@@ -309,12 +295,3 @@ class AssistantNode(LifecycleNode):
     @never_raises
     def _check_graph(self) -> None:
         self.ingest.check_graph()
-
-
-def _release_device_memory() -> None:
-    """Hand the CUDA allocator's cached blocks back to the device (after the engine, its model
-    and caches were dropped), so the next configure or another process can use them."""
-    with contextlib.suppress(ImportError):
-        import torch
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()

@@ -103,12 +103,23 @@ class OverlayPublisher:
         self._queue: 'queue.Queue' = queue.Queue(maxsize=1)
         self._stop = threading.Event()
         self.num_published = 0
+        #: what the overlay shows: the newest frame and the round's text
+        self.state = OverlayState()
         self._thread = threading.Thread(target=self._run, name='mossv-overlay', daemon=True)
         self._thread.start()
 
     def wanted(self) -> bool:
         """Someone subscribes (nothing is rendered otherwise)."""
         return self._pub.get_subscription_count() > 0
+
+    def show(self, event) -> None:
+        """An engine event of the default camera: a new picture when it changes what is
+        shown and someone looks."""
+        picture = self.state.update(event)
+        if picture is not None and self.wanted():
+            from .convert import header_of
+            frame, say = picture
+            self.submit(frame.image, header_of(frame.source), say)
 
     def submit(self, rgb: np.ndarray, header, say: OverlayText) -> None:
         """Queue a picture (replacing one not yet rendered); never blocks."""
