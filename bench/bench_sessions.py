@@ -119,8 +119,8 @@ def main(argv=None):
         busy = _ttft(engine, 'cam0', ns.repeats)
         sessions = engine.sessions()
         row = sessions['cam1']
-        per_session = (row.kv_cache.k.nbytes + row.kv_cache.v.nbytes
-                       + row.vision_cache.k.nbytes + row.vision_cache.v.nbytes)
+        per_session = (sum(t.nbytes for t in row.kv_cache.k + row.kv_cache.v)
+                       + sum(t.nbytes for t in row.vision_cache.k + row.vision_cache.v))
         per_frame = row.vision_cache.bytes_per_frame
         per_token = row.kv_cache.bytes_per_token
     finally:

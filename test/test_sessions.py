@@ -50,10 +50,10 @@ def test_rows_of_a_pool_do_not_touch_each_other(tiny_runner):
     runner = tiny_runner
     a, b = runner.new_sessions(2)
     runner.start_session(a)
-    before = a.kv_cache.k[:, :, :, :a.kv_cache.length].clone()
+    before = torch.stack(a.kv_cache.k)[:, :, :, :a.kv_cache.length].clone()
     runner.start_session(b)
     runner.feed(b, list(range(20, 60)))
-    torch.testing.assert_close(a.kv_cache.k[:, :, :, :a.kv_cache.length], before,
+    torch.testing.assert_close(torch.stack(a.kv_cache.k)[:, :, :, :a.kv_cache.length], before,
                                rtol=0, atol=0)
     assert a.cache_bytes < b.cache_bytes
 

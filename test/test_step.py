@@ -116,7 +116,7 @@ class DynamicReference:
                 end = vc.high_water * mv.tokens_per_frame
 
                 def cross(q, slot=slot, end=end, layer=layer):
-                    return self._attention(q, vc.k[slot, :, :, :end], vc.v[slot, :, :, :end],
+                    return self._attention(q, vc.k[slot][:, :, :end], vc.v[slot][:, :, :end],
                                            mask, layer.cross_attn.scaling)
                 x = mv.cross_layer(layer, x, cos, sin, cross, sees)
             else:

@@ -16,6 +16,8 @@ DEFAULT_CAMERA = 'default'
 MAX_CAMERAS = 16
 ATTN_IMPLEMENTATIONS = ('auto', 'eager', 'sdpa', 'flash_attention_2')
 CUDA_GRAPHS = ('auto', 'on', 'off')
+#: engine.compile values: the text step compiled by torch.compile (inductor)
+COMPILE_MODES = ('auto', 'off', 'inductor')
 #: model.quantization values (engine/quantize.py)
 QUANTIZATIONS = ('none', 'int8', 'fp8', 'int4')
 EVICTION_POLICIES = ('sink_window', 'fifo')
@@ -56,6 +58,16 @@ def resolve_device_dtype(device: str, dtype: str, cuda_available: bool) -> Tuple
     if dtype == 'auto':
         dtype = 'bfloat16' if device.startswith('cuda') else 'float32'
     return device, dtype, note
+
+
+def resolve_compile(compile_mode: str, device: str, quantization: str) -> bool:
+    """Whether the text step is compiled (``engine.compile``): 'auto' compiles on CUDA with
+    quantized weights, where the eager step converts each weight in a kernel of its own per
+    call (torchao without compilation: docs/model.md section 10.3); bfloat16 keeps the eager
+    step captured as CUDA graphs (measured on an H200), and the CPU stays eager."""
+    if compile_mode == 'auto':
+        return device.startswith('cuda') and quantization != 'none'
+    return compile_mode == 'inductor'
 
 
 def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
@@ -105,6 +117,11 @@ class EngineConfig:
     :ivar cuda_graphs: capture the text step and the frame encoder as CUDA graphs ('auto' =
         on with CUDA; 'on' warns and runs eagerly without CUDA; a failed capture runs eagerly
         with a warning and says so in Status).
+    :ivar compile_mode: ``engine.compile``: 'inductor' compiles the text step with
+        ``torch.compile`` (inductor, whole graph, static shapes; then captured as the CUDA
+        graphs): quantized weights' conversion fuses into the step instead of a kernel of its
+        own per layer; 'auto' = inductor on CUDA with quantized weights, off otherwise
+        (:func:`resolve_compile`); 'off' never.
     :ivar cpu_threads: torch intra-op threads on the CPU (0 = half the cores, so the encoder
         and decode threads do not oversubscribe them).
     :ivar trust_remote_code: allow the checkpoint's own code (off; executes code from disk).
@@ -146,6 +163,7 @@ class EngineConfig:
     device: str = 'auto'
     attn_implementation: str = 'auto'
     cuda_graphs: str = 'auto'
+    compile_mode: str = 'auto'
     quantization: str = 'none'
     trust_remote_code: bool = False
     cpu_threads: int = 0
@@ -183,6 +201,8 @@ class EngineConfig:
                f'one of {QUANTIZATIONS}')
         _check(self.cuda_graphs in CUDA_GRAPHS, 'engine.cuda_graphs', self.cuda_graphs,
                f'one of {CUDA_GRAPHS}')
+        _check(self.compile_mode in COMPILE_MODES, 'engine.compile', self.compile_mode,
+               f'one of {COMPILE_MODES}')
         _check(0 <= self.cpu_threads <= 256, 'engine.cpu_threads', self.cpu_threads,
                'an int in [0, 256] (0 = auto)')
         _check(math.isfinite(self.frame_rate_hz) and 0.0 < self.frame_rate_hz <= 30.0,

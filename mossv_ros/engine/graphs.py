@@ -76,8 +76,11 @@ class StepGraphs:
     """
 
     def __init__(self, model, pool: CachePool,
-                 prefill_tokens: Sequence[int] = PREFILL_TOKENS) -> None:
+                 prefill_tokens: Sequence[int] = PREFILL_TOKENS, forward=None) -> None:
         self.model = model
+        #: the step function: ``model.forward_step``, or its compiled form (one function for
+        #: every shape: :func:`compile_step`)
+        self.forward = forward if forward is not None else model.forward_step
         self.pool = pool
         limit = pool.capacity
         spans = sorted({0} | {-(-pool.max_frames // d) for d in FRAME_SPAN_DIVISORS})
@@ -86,6 +89,16 @@ class StepGraphs:
         self.prefill_shapes = [full_shape(pool, 1, q) for q in prefill_tokens if q <= limit]
         self._graphs: Dict[StepShape, _Captured] = {}
 
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Run every shape once on dummy rows (they write only to the scratch slot): a
+        compiled step compiles here, not inside the first real step (under ``no_grad`` as the
+        steps run: grad mode is part of what a compiled function is specialised on)."""
+        for shape in self.decode_shapes + self.prefill_shapes:
+            meta_host, _ = build_metadata(shape, self.pool, [])
+            self.forward(self.pool, to_device(meta_host, self.pool.device), shape)
+
+    @torch.no_grad()
     def capture(self) -> None:
         """Capture every shape, largest first (the later, smaller ones reuse its memory)."""
         handle = torch.cuda.graph_pool_handle()
@@ -96,7 +109,7 @@ class StepGraphs:
             meta = torch.from_numpy(meta_host).to(self.pool.device)
 
             def step(meta, shape=shape):
-                return self.model.forward_step(self.pool, meta, shape)
+                return self.forward(self.pool, meta, shape)
             graph, out = _capture(step, [meta], handle)
             self._graphs[shape] = _Captured(graph, meta, out)
         torch.cuda.synchronize()
@@ -104,6 +117,11 @@ class StepGraphs:
     @property
     def num_graphs(self) -> int:
         return len(self._graphs)
+
+    @property
+    def num_shapes(self) -> int:
+        """Step shapes: decode and prefill, captured or not."""
+        return len(self.decode_shapes) + len(self.prefill_shapes)
 
     def decode_shape(self, batch: int, high_water: int) -> Optional[StepShape]:
         """The smallest captured decode shape of at least ``batch`` rows whose vision span
@@ -125,11 +143,34 @@ class StepGraphs:
         :returns: the graph's output logits (batch, vocab_size), overwritten by the next
             replay of this pool's graphs: read or copy them first."""
         captured = self._graphs.get(shape)
-        if captured is None:  # not captured: the same step, eagerly
-            return self.model.forward_step(self.pool, to_device(meta, self.pool.device), shape)
+        if captured is None:  # not captured: the same step, uncaptured
+            return self.forward(self.pool, to_device(meta, self.pool.device), shape)
         captured.meta.copy_(torch.from_numpy(meta).pin_memory(), non_blocking=True)
         captured.graph.replay()
         return captured.out
+
+
+def compile_step(model, num_shapes: int):
+    """``model.forward_step`` compiled by ``torch.compile`` (inductor, whole graph, static
+    shapes: one compile per step shape, ``num_shapes`` of them, each compiled once). The
+    RoPE table is built first (the step looks rows up in it; built inside a trace it would be
+    recomputed in the first shape's graph). The caches are written in place: a tensor per
+    layer (:class:`~.kv_cache.CachePool`), so the generated code copies no cache
+    (``test_compile.py`` reads it).
+
+    :returns: the compiled step, called as ``forward_step`` is.
+    """
+    import torch._dynamo
+
+    model.rope_table()
+    config = torch._dynamo.config
+    for name in ('recompile_limit', 'cache_size_limit'):  # (the name differs by version)
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), num_shapes + 4))
+    if hasattr(config, 'accumulated_recompile_limit'):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit,
+                                                 4 * num_shapes + 64)
+    return torch.compile(model.forward_step, fullgraph=True, dynamic=False)
 
 
 class EncoderGraph:

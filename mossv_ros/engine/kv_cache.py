@@ -48,13 +48,15 @@ class CachePool:
     storage of every session, so that one step can decode several sessions together (a batch
     row per session, each with its own length, positions and frames).
 
-    Text K/V: (num_self_layers, rows, num_kv_heads, text_slots, head_dim) with
-    ``text_slots`` = capacity + 1 rounded up to 16: slot ``capacity`` of each row
+    Text K/V: one tensor per self-attention layer, (rows, num_kv_heads, text_slots,
+    head_dim), with ``text_slots`` = capacity + 1 rounded up to 16: slot ``capacity`` of each row
     (:attr:`scratch_index`) is a scratch slot that padding rows of a static-shape step write
     to, and no real row ever sees it or the slots after it (:attr:`text_slots` is a
-    full-capacity step's span). Vision K/V: (num_cross_layers, rows,
-    num_kv_heads, max_frames * T, head_dim). Zero-filled: a masked key contributes exactly 0,
-    never NaN. (The CUDA graphs captured over a pool refer to it, never the other way:
+    full-capacity step's span). Vision K/V: one tensor per cross layer, (rows, num_kv_heads,
+    max_frames * T, head_dim). Zero-filled: a masked key contributes exactly 0, never NaN.
+    A tensor of its own per layer (not a view of one stacked tensor) so a compiled step writes
+    the new keys in place: inductor copies a whole base tensor when a view of it is mutated
+    (docs/model.md section 10.3). (The CUDA graphs captured over a pool refer to it, never the other way:
     :attr:`.runner.ModelRunner.graphs`.)
     """
 
@@ -64,12 +66,16 @@ class CachePool:
         # capacity + the scratch slot, rounded up to 16 (the alignment the memory-efficient
         # SDPA kernel wants of a mask's last dimension; the extra slots are never visible)
         self.text_slots = -(-(capacity + 1) // 16) * 16
-        text = (num_self_layers, rows, num_kv_heads, self.text_slots, head_dim)
-        vision = (num_cross_layers, rows, num_kv_heads, max_frames * tokens_per_frame, head_dim)
-        self.text_k = torch.zeros(text, dtype=dtype, device=device)
-        self.text_v = torch.zeros(text, dtype=dtype, device=device)
-        self.vision_k = torch.zeros(vision, dtype=dtype, device=device)
-        self.vision_v = torch.zeros(vision, dtype=dtype, device=device)
+        text = (rows, num_kv_heads, self.text_slots, head_dim)
+        vision = (rows, num_kv_heads, max_frames * tokens_per_frame, head_dim)
+
+        def layers(n, shape):
+            return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+        #: per layer: text K and V (rows, kv_heads, text_slots, head_dim), vision K and V
+        #: (rows, kv_heads, max_frames * T, head_dim)
+        self.text_k, self.text_v = layers(num_self_layers, text), layers(num_self_layers, text)
+        self.vision_k = layers(num_cross_layers, vision)
+        self.vision_v = layers(num_cross_layers, vision)
         self.rows = rows
         self.capacity = capacity
         self.max_frames = max_frames
@@ -92,8 +98,9 @@ class CachePool:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the four preallocated tensors."""
-        return sum(t.nbytes for t in (self.text_k, self.text_v, self.vision_k, self.vision_v))
+        """Bytes of the preallocated tensors."""
+        return sum(t.nbytes for part in (self.text_k, self.text_v, self.vision_k, self.vision_v)
+                   for t in part)
 
 
 class TextKVCache:
@@ -102,18 +109,19 @@ class TextKVCache:
     no re-rotation. The step writes row ``length + i`` for the i-th new token
     (:meth:`write_indices`); :meth:`commit` advances the length once the step has run.
 
-    :ivar k: view (num_layers, 1, num_kv_heads, text_slots, head_dim) of the pool row;
+    :ivar k: per layer, a view (1, num_kv_heads, text_slots, head_dim) of the pool row;
         ``v`` likewise.
     """
 
     def __init__(self, pool: CachePool, row: int, num_layers: int, num_kv_heads: int,
                  head_dim: int, capacity: int) -> None:
-        self.k = pool.text_k[:, row:row + 1]
-        self.v = pool.text_v[:, row:row + 1]
+        self.k = [t[row:row + 1] for t in pool.text_k]
+        self.v = [t[row:row + 1] for t in pool.text_v]
         self.pool_row = (pool, row)
         self.capacity = capacity
         self.length = 0
-        self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * self.k.element_size()
+        self.bytes_per_token = (2 * num_layers * num_kv_heads * head_dim
+                                * pool.text_k[0].element_size())
 
     def write_indices(self, n: int) -> np.ndarray:
         """int64 (n,): the cache slots the next ``n`` tokens are written to.
@@ -135,8 +143,8 @@ class TextKVCache:
             return 0
         src = slice(keep_prefix + num_evict, self.length)
         dst = slice(keep_prefix, self.length - num_evict)
-        self.k[:, :, :, dst] = self.k[:, :, :, src].clone()
-        self.v[:, :, :, dst] = self.v[:, :, :, src].clone()
+        for layer in self.k + self.v:
+            layer[:, :, dst] = layer[:, :, src].clone()
         self.length -= num_evict
         return num_evict
 
@@ -158,13 +166,13 @@ class VisionCache:
     host metadata (:meth:`frame_positions`); the step turns them into the cumulative mask on
     the device. 3.16 MiB per frame at 11B bf16 (docs/model.md section 8.1).
 
-    :ivar k: view (num_cross_layers, 1, num_kv_heads, capacity * T, head_dim); ``v`` too.
+    :ivar k: per cross layer, a view (1, num_kv_heads, capacity * T, head_dim); ``v`` too.
     """
 
     def __init__(self, pool: CachePool, row: int, num_layers: int, num_kv_heads: int,
                  tokens_per_frame: int, head_dim: int, capacity: int) -> None:
-        self.k = pool.vision_k[:, row:row + 1]
-        self.v = pool.vision_v[:, row:row + 1]
+        self.k = [t[row:row + 1] for t in pool.vision_k]
+        self.v = [t[row:row + 1] for t in pool.vision_v]
         self.pool_row = (pool, row)
         self.tokens_per_frame = tokens_per_frame
         self.capacity = capacity
@@ -173,7 +181,7 @@ class VisionCache:
         self.high_water = 0
         self.num_frames = 0
         self.bytes_per_frame = (2 * num_layers * num_kv_heads * tokens_per_frame * head_dim
-                                * self.k.element_size())
+                                * pool.vision_k[0].element_size())
 
     def free_slot(self) -> Optional[int]:
         """A free slot index, or None when the cache is full."""
@@ -202,8 +210,9 @@ class VisionCache:
         """
         t = self.tokens_per_frame
         rows = slice(slot * t, (slot + 1) * t)
-        self.k[:, 0, :, rows] = keys
-        self.v[:, 0, :, rows] = values
+        for layer, (k, v) in enumerate(zip(self.k, self.v)):
+            k[0, :, rows] = keys[layer]
+            v[0, :, rows] = values[layer]
         if self.slot_pos[slot] < 0:
             self.num_frames += 1
         self.slot_pos[slot] = position

@@ -20,7 +20,7 @@ from .checkpoint import (
     load_tokenizer,
     read_config,
 )
-from .config import EngineConfig, resolve_device_dtype
+from .config import EngineConfig, resolve_compile, resolve_device_dtype
 from .frames import EncodedFrame, FrameEncoder
 from .kv_cache import CachePool
 from .memory import MemoryPlan
@@ -219,6 +219,11 @@ class ModelRunner:
         self.graphs = None
         #: device out-of-memory errors while capturing (the step then runs eagerly)
         self.num_capture_ooms = 0
+        #: the text step compiled by inductor (``engine.compile``, :func:`~.config.
+        #: resolve_compile`); seconds its compile and capture took
+        self.compiled = resolve_compile(config.compile_mode, config.device,
+                                        config.quantization)
+        self.compile_seconds = 0.0
         #: frames into cross-attention K/V (:mod:`.frames`); ``tiles``, ``pixel_values``
         #: and ``encode_frames`` are its methods
         self.frames = FrameEncoder(self.model, config.device)
@@ -262,34 +267,48 @@ class ModelRunner:
         (:mod:`.graphs`), when ``engine.cuda_graphs`` and the device allow. A capture that
         fails is logged as a warning and leaves eager steps: the engine goes on.
 
-        :returns: what runs now, for Status: 'cuda graphs (N captured)', 'eager (cuda_graphs
-            off)', 'eager (CPU)' or 'eager (capture failed: <why>)'.
+        :returns: what runs now, for Status: 'cuda graphs (N steps + encoder)[, compiled
+            (inductor, S s with capture)]', 'compiled (inductor, S s), not captured (<why>)',
+            'eager (cuda_graphs off)', 'eager (cpu)' or 'eager (capture failed: <why>)'.
         """
-        mode = self.config.cuda_graphs
-        if mode == 'off':
-            return 'eager (cuda_graphs off)'
-        if not self.config.device.startswith('cuda'):
-            if mode == 'on':
-                log.warning('engine.cuda_graphs=on needs CUDA; running eagerly on %s',
-                            self.config.device)
-            return f'eager ({self.config.device})'
-        from .graphs import StepGraphs
+        import time
 
+        from .graphs import compile_step, StepGraphs
+        mode, cuda = self.config.cuda_graphs, self.config.device.startswith('cuda')
+        capture = cuda and mode != 'off'
+        if mode == 'on' and not cuda:
+            log.warning('engine.cuda_graphs=on needs CUDA; running eagerly on %s',
+                        self.config.device)
+        if not capture and not self.compiled:
+            return f'eager ({"cuda_graphs off" if mode == "off" else self.config.device})'
         pool = sessions[0].pool
+        t0 = time.monotonic()
         try:
             graphs = StepGraphs(self.model, pool)
-            graphs.capture()
+            if self.compiled:  # one compiled function for every shape of the pool's graphs
+                graphs.forward = compile_step(self.model, graphs.num_shapes)
+            if capture:
+                graphs.capture()
+                self.frames.capture_graph()
+            else:  # compiled, not captured: every shape compiled now, not in a step
+                graphs.warm_up()
             self.graphs = graphs
-            self.frames.capture_graph()
         except Exception as exc:  # noqa: BLE001 - any capture failure: eager, say why
             self.graphs = graphs = None
             if isinstance(exc, torch.OutOfMemoryError):
                 self.num_capture_ooms += 1
-            torch.cuda.empty_cache()  # the failed capture's graph pool
-            log.warning('CUDA graph capture failed, running eagerly: %s: %s',
-                        type(exc).__name__, exc)
-            return f'eager (capture failed: {type(exc).__name__}: {exc})'[:200]
-        return f'cuda graphs ({graphs.num_graphs} steps + encoder)'
+            if cuda:
+                torch.cuda.empty_cache()  # the failed capture's graph pool
+            what = 'capture' if capture else 'compilation'
+            log.warning('%s failed, running eagerly: %s: %s', 'CUDA graph capture' if capture
+                        else 'compilation of the step', type(exc).__name__, exc)
+            return f'eager ({what} failed: {type(exc).__name__}: {exc})'[:200]
+        self.compile_seconds = time.monotonic() - t0 if self.compiled else 0.0
+        compiled = f'compiled (inductor, {self.compile_seconds:.0f} s)'
+        if not capture:
+            return f'{compiled}, not captured ({self.config.device})'
+        return (f'cuda graphs ({graphs.num_graphs} steps + encoder)'
+                + (f', {compiled}' if self.compiled else ''))
 
     # ------------------------------------------------------------------ vision cache
     def insert_frame(self, session: Session, frame: EncodedFrame, position: int,

@@ -75,7 +75,7 @@ def diagnostic_array(node_name: str, stamp, model: Dict[str, str], stats: ev.Eng
                                                    else WARN)
     engine_message = (f'inactive (lifecycle {lifecycle_state}): questions are rejected'
                       if state == 'inactive' else state)
-    if engine_level == OK and 'capture failed' in stats.decode_path:
+    if engine_level == OK and 'failed' in stats.decode_path:  # capture or compilation
         engine_level, engine_message = WARN, f'{state}, {stats.decode_path}'
     if engine_level == OK and stats.num_oom_events:
         engine_level, engine_message = WARN, (

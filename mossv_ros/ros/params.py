@@ -18,6 +18,7 @@ PARAM_TO_FIELD = {
     'engine.device': 'device',
     'engine.attn_implementation': 'attn_implementation',
     'engine.cuda_graphs': 'cuda_graphs',
+    'engine.compile': 'compile_mode',
     'engine.cpu_threads': 'cpu_threads',
     'engine.max_device_memory_bytes': 'max_device_memory_bytes',
     'frames.rate_hz': 'frame_rate_hz',
