@@ -56,8 +56,8 @@ class CachePool:
     max_frames * T, head_dim). Zero-filled: a masked key contributes exactly 0, never NaN.
     A tensor of its own per layer (not a view of one stacked tensor) so a compiled step writes
     the new keys in place: inductor copies a whole base tensor when a view of it is mutated
-    (docs/model.md section 10.3). (The CUDA graphs captured over a pool refer to it, never the other way:
-    :attr:`.runner.ModelRunner.graphs`.)
+    (docs/model.md section 10.3). The CUDA graphs captured over a pool refer to it, never the
+    other way (:attr:`.runner.ModelRunner.graphs`).
     """
 
     def __init__(self, rows: int, num_self_layers: int, num_cross_layers: int,
