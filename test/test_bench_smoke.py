@@ -35,3 +35,20 @@ def test_gpu_bench_runs_tiny_on_cpu():
     assert set(report['sessions']['tokens_per_s']) == {'1', '2', '4'}
     assert len(report['targets']) == 8
     assert 'transformers' in res.stdout and 'TTFT' in res.stdout
+
+
+def test_gpu_bench_memory_and_quantization_stages_run_tiny_on_cpu(tmp_path):
+    """``--only memory,quantization`` (issue 33): a checkpoint written to disk, loaded by the
+    streaming load under each cap, decoded; each quantization mode side by side."""
+    res = subprocess.run([sys.executable, 'bench/gpu_bench.py', '--tiny', '--only',
+                          'memory,quantization', '--quantization', 'none,int8', '--out',
+                          str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = json.loads((tmp_path / 'gpu_memory_tiny.json').read_text())
+    memory, quant = report['memory'], report['quantization']
+    assert set(memory) - {'stage_s'} == {'int8_2gib', 'none_3gib', 'int8_3gib'}, memory
+    for case in ('int8_2gib', 'none_3gib'):
+        assert memory[case]['tokens_per_s'] > 0, memory[case]
+        assert memory[case]['plan_weight_bytes'] == memory[case]['weight_bytes']
+    assert memory['int8_2gib']['weight_bytes'] < memory['none_3gib']['weight_bytes']
+    assert quant['int8']['quantized_layers'] > 0 and quant['none']['tokens_per_s'] > 0
