@@ -172,3 +172,58 @@ def test_prompt_validation_never_raises(text):
         assert all(ch in '\n\t' or (ord(ch) >= 32 and ord(ch) != 127) for ch in cleaned)
     else:
         assert cleaned == ''
+
+
+def _png_bomb(side: int) -> bytes:
+    """A real PNG of ``side`` x ``side`` grey pixels, all zero: a few MB that decode to
+    ``side``^2 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack('>I', len(body)) + kind + body
+                + struct.pack('>I', zlib.crc32(kind + body) & 0xffffffff))
+    packer = zlib.compressobj(9)
+    row = bytes(side + 1)  # filter byte + pixels
+    body = b''.join(packer.compress(row) for _ in range(side)) + packer.flush()
+    ihdr = struct.pack('>IIBBBBB', side, side, 8, 0, 0, 0, 0)
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', body)
+            + chunk(b'IEND', b''))
+
+
+def _jpeg_bomb(side: int) -> bytes:
+    """A JPEG whose frame header says ``side`` x ``side``, from a real small JPEG."""
+    import cv2
+    ok, small = cv2.imencode('.jpg', np.zeros((8, 8, 3), np.uint8))
+    data = bytearray(small.tobytes())
+    sof = data.find(b'\xff\xc0')
+    data[sof + 5:sof + 9] = side.to_bytes(2, 'big') * 2  # height, width
+    return bytes(data)
+
+
+@pytest.mark.parametrize('bomb', ['png', 'jpeg'])
+def test_a_decompression_bomb_is_refused_from_its_header(bomb):
+    """Issue 36 item 1: a 30000 x 30000 PNG (a few MB on the wire, 900 MB decoded) and a
+    JPEG claiming 60000 x 60000 are refused before decoding, with the reason, and memory
+    barely moves; the next normal image converts."""
+    import psutil
+    data = _png_bomb(30000) if bomb == 'png' else _jpeg_bomb(60000)
+    msg = sensor_msgs.CompressedImage(format=bomb)
+    msg.data = data
+    before = psutil.Process().memory_info().rss
+    with pytest.raises(convert.ImageError) as caught:
+        convert.compressed_to_rgb(msg)
+    grown = psutil.Process().memory_info().rss - before
+    assert caught.value.kind == 'too_large' and 'not decoded' in str(caught.value)
+    assert grown < 50 << 20, grown
+    import cv2
+    normal = sensor_msgs.CompressedImage(format='jpeg')
+    normal.data = cv2.imencode('.jpg', np.full((48, 64, 3), 90, np.uint8))[1].tobytes()
+    assert convert.compressed_to_rgb(normal).shape == (48, 64, 3)
+
+
+def test_an_oversized_compressed_payload_is_refused_unread():
+    msg = sensor_msgs.CompressedImage(format='png')
+    msg.data = bytes(convert.MAX_COMPRESSED_BYTES + 1)
+    with pytest.raises(convert.ImageError, match='compressed payload of'):
+        convert.compressed_to_rgb(msg)

@@ -148,3 +148,25 @@ def test_int8_runs_the_static_step_a_cuda_graph_replays():
         out += list(runner.feed_batch(sessions, [40, 41]))
         results.append(torch.stack(out))
     torch.testing.assert_close(results[0], results[1], atol=1e-4, rtol=1e-4)
+
+
+def test_fp8_and_int4_take_the_kernels_that_run_fast():
+    """Issue 33: fp8 quantizes activations and weights per row (torchao's dynamic float8
+    config: a real fp8 GEMM, ``torch._scaled_mm`` with row-wise scales), not weight-only
+    (dequantized in full every call); int4 packs for PyTorch's own int4 kernel
+    (``tile_packed_to_4d``), not the default packing that needs the ``mslk`` package. Both run
+    on CUDA only: here their configurations are checked."""
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int4WeightOnlyConfig,
+        PerRow,
+    )
+    fp8 = quantize._config('fp8')
+    assert isinstance(fp8, Float8DynamicActivationFloat8WeightConfig)
+    assert isinstance(fp8.granularity, (PerRow, list, tuple))
+    grans = fp8.granularity if isinstance(fp8.granularity, (list, tuple)) else [fp8.granularity]
+    assert all(isinstance(g, PerRow) for g in grans)
+    int4 = quantize._config('int4')
+    assert isinstance(int4, Int4WeightOnlyConfig) and int4.group_size == 128
+    assert str(getattr(int4.int4_packing_format, 'value', int4.int4_packing_format)) == \
+        'tile_packed_to_4d'

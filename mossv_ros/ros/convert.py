@@ -15,6 +15,8 @@ SUPPORTED_ENCODINGS = (
 #: Depth / float / raw-integer encodings: not camera colour images, rejected with this reason.
 DEPTH_ENCODINGS = ('32FC1', '16UC1', '32FC2', '32FC3', '32FC4', '64FC1', '16SC1', '32SC1')
 MAX_SIDE_PX = 8192  # larger images are rejected before decoding (bounded time and memory)
+#: compressed payloads larger than this are refused unread (a 4K PNG is about 25 MB)
+MAX_COMPRESSED_BYTES = 64 << 20
 
 
 class ImageError(ValueError):
@@ -68,16 +70,47 @@ def image_to_rgb(msg) -> np.ndarray:
     return _as_rgb(image)
 
 
+def compressed_size(data: bytes):
+    """(width, height) read from a compressed image's header, nothing decoded (Pillow opens
+    lazily: PNG, JPEG, WebP, BMP, TIFF, GIF and the other formats it identifies).
+
+    :raises ImageError: 'decode' when no format's header can be read.
+    """
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageError('decode', f'cannot read the image header: {exc}') from None
+    except Image.DecompressionBombError as exc:  # (Pillow's own limit, far above ours)
+        raise ImageError('too_large', f'larger than {MAX_SIDE_PX} px a side (read from the '
+                         f'header; not decoded): {exc}') from None
+
+
 def compressed_to_rgb(msg) -> np.ndarray:
     """``sensor_msgs/CompressedImage`` (JPEG/PNG) -> uint8 (H, W, 3) RGB.
 
-    :raises ImageError: empty, corrupted or truncated data.
+    The payload size and the width and height in the header are checked before anything is
+    decoded (a 2.7 MB PNG can decode to 30000 x 30000 pixels, 2.5 GB).
+
+    :raises ImageError: empty, too large (payload over :data:`MAX_COMPRESSED_BYTES`, a side
+        over :data:`MAX_SIDE_PX`), an unreadable header, corrupted or truncated data.
     """
     import cv2
 
-    data = np.frombuffer(bytes(msg.data), dtype=np.uint8)
-    if data.size == 0:
+    raw = bytes(msg.data)
+    if not raw:
         raise ImageError('empty', 'compressed image has no data')
+    if len(raw) > MAX_COMPRESSED_BYTES:
+        raise ImageError('too_large', f'compressed payload of {len(raw)} bytes exceeds '
+                         f'{MAX_COMPRESSED_BYTES}')
+    width, height = compressed_size(raw)
+    if max(width, height) > MAX_SIDE_PX:
+        raise ImageError('too_large', f'{width}x{height} exceeds {MAX_SIDE_PX} px (read '
+                         'from the header; not decoded)')
+    data = np.frombuffer(raw, dtype=np.uint8)
     bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if bgr is None:
         raise ImageError('decode', f'cannot decode {msg.format or "compressed"} data')
