@@ -323,3 +323,13 @@ def test_question_while_loading_is_refused_with_a_reason(tiny_checkpoint):
     finally:
         gate.set()
         engine.stop()
+
+
+def test_a_frame_rate_that_would_stop_the_camera_is_refused():
+    """Issue 36 item 6: frames.rate_hz:=1e-300 was accepted, and the node silently stopped
+    taking frames."""
+    for bad in (1e-300, 0.0, -1.0, float('nan'), 31.0):
+        with pytest.raises(ValueError, match=r'frames.rate_hz=.* is invalid: expected a float '
+                           r'in \[0.01, 30\]'):
+            EngineConfig(frame_rate_hz=bad).validate()
+    EngineConfig(frame_rate_hz=0.01).validate()

@@ -227,3 +227,13 @@ def test_an_oversized_compressed_payload_is_refused_unread():
     msg.data = bytes(convert.MAX_COMPRESSED_BYTES + 1)
     with pytest.raises(convert.ImageError, match='compressed payload of'):
         convert.compressed_to_rgb(msg)
+
+
+def test_8uc1_is_read_as_grey():
+    """Issue 36 item 6: ``8UC1`` was listed as supported and always refused."""
+    msg = sensor_msgs.Image(height=2, width=3, encoding='8UC1', step=3)
+    msg.data = bytes([0, 10, 20, 30, 40, 250])
+    rgb = convert.image_to_rgb(msg)
+    assert rgb.shape == (2, 3, 3)
+    assert rgb[:, :, 0].ravel().tolist() == [0, 10, 20, 30, 40, 250]
+    assert (rgb[:, :, 0] == rgb[:, :, 2]).all()

@@ -205,8 +205,10 @@ class EngineConfig:
                f'one of {COMPILE_MODES}')
         _check(0 <= self.cpu_threads <= 256, 'engine.cpu_threads', self.cpu_threads,
                'an int in [0, 256] (0 = auto)')
-        _check(math.isfinite(self.frame_rate_hz) and 0.0 < self.frame_rate_hz <= 30.0,
-               'frames.rate_hz', self.frame_rate_hz, 'a float in (0, 30]')
+        _check(math.isfinite(self.frame_rate_hz) and 0.01 <= self.frame_rate_hz <= 30.0,
+               'frames.rate_hz', self.frame_rate_hz,
+               'a float in [0.01, 30] (frames per second; below one frame in 100 s the camera '
+               'would look dead)')
         _check(1 <= self.max_frames <= 100_000, 'cache.max_frames', self.max_frames,
                'an int in [1, 100000]')
         _check(0 <= self.num_sink_frames < self.max_frames, 'cache.num_sink_frames',

@@ -64,7 +64,10 @@ def image_to_rgb(msg) -> np.ndarray:
     if bool(msg.is_bigendian) != (sys.byteorder != 'little') and dtype.itemsize > 1:
         image = image.byteswap()
     try:
-        image = convert_color(image, msg.encoding, 'rgb8')
+        # a generic one-channel 8-bit image is read as grey (rosbags-image converts no
+        # generic type to a colour one)
+        image = convert_color(image, 'mono8' if msg.encoding == '8UC1' else msg.encoding,
+                              'rgb8')
     except Exception as exc:  # noqa: BLE001 - library errors become a counted rejection
         raise ImageError('convert', f'cannot convert {msg.encoding}: {exc}') from exc
     return _as_rgb(image)
