@@ -16,5 +16,5 @@ setup(
         'numpy', 'pyyaml', 'opencv-python-headless', 'transformers>=5.0', 'tokenizers',
         'safetensors', 'tqdm', 'rich', 'rosbags', 'rosbags-image',
     ],
-    entry_points={'console_scripts': ['mossv-ros = mossv_ros.cli:main']},
+    entry_points={'console_scripts': ['mossv-ros = mossv_ros.fast_exit:cli']},
 )

@@ -356,15 +356,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     split = argv.index('--ros-args') if '--ros-args' in argv else len(argv)
     ns = build_parser().parse_args(argv[:split])
     ns.ros_args = argv[split:]
-    from .engine.checkpoint import CheckpointError
     try:
         return int(ns.func(ns) or 0)
-    except (CheckpointError, ValueError, OSError) as exc:  # bad input: a message, no trace
+    except (ValueError, OSError) as exc:  # bad input (CheckpointError is a ValueError too)
         print(f'mossv-ros {ns.command}: error: {exc}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':  # (python -m mossv_ros.cli: the tests' way in)
+    from mossv_ros.fast_exit import exit_now
+    exit_now(main())

@@ -333,3 +333,15 @@ def test_a_frame_rate_that_would_stop_the_camera_is_refused():
                            r'in \[0.01, 30\]'):
             EngineConfig(frame_rate_hz=bad).validate()
     EngineConfig(frame_rate_hz=0.01).validate()
+
+
+def test_a_nul_in_a_question_is_named_as_such():
+    """Issue 36 item 6: a question with a NUL was refused as 'empty or whitespace only'; over
+    ROS the string ends at the NUL, and the reason says so either way."""
+    from mossv_ros.engine.policy import validate_prompt
+    ok, _, reason = validate_prompt('\x00What is there?', 100)
+    assert not ok and 'NUL character' in reason and 'ends at its first NUL' in reason
+    ok, _, reason = validate_prompt('What\x00 is there?', 100)
+    assert not ok and 'NUL character' in reason
+    ok, _, reason = validate_prompt('', 100)  # what ROS delivers of '\x00What...'
+    assert not ok and reason.startswith('prompt is empty') and 'first NUL' in reason

@@ -140,10 +140,10 @@ def test_per_camera_diagnostics_are_each_cameras(ros_context, tiny_checkpoint):
         teardown_assistant(executor, node, probe)
 
 
-def test_an_inactive_node_reads_inactive_and_is_not_an_error(ros_context, tiny_checkpoint):
+def test_an_inactive_node_reads_inactive_and_warns(ros_context, tiny_checkpoint):
     """Configured, not active: Status says INACTIVE (lifecycle 'inactive') and /diagnostics
-    says so at level OK, while questions are refused; active again: READY (before: 'ready'
-    while every question was rejected)."""
+    says so at level WARN (issue 36 item 6: at OK a monitor reading levels showed green while
+    every question was refused), not ERROR; active again: READY and OK."""
     from diagnostic_msgs.msg import DiagnosticStatus
     from rclpy.lifecycle import TransitionCallbackReturn
 
@@ -163,7 +163,8 @@ def test_an_inactive_node_reads_inactive_and_is_not_an_error(ros_context, tiny_c
         def engine_says(state, level):
             st, values = _part(got, 'engine')
             return st is not None and values['state'] == state and st.level == level
-        assert spin_until(probe, lambda: engine_says('inactive', DiagnosticStatus.OK), 10)
+        assert spin_until(probe, lambda: engine_says('inactive', DiagnosticStatus.WARN), 10)
+        assert 'inactive' in _part(got, 'engine')[0].message
         assert node.trigger_activate() == ok
         assert spin_until(probe, lambda: got['status'][-1].state == Status.STATE_READY, 10)
         assert got['status'][-1].lifecycle_state == 'active'

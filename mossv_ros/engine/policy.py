@@ -29,11 +29,16 @@ def validate_prompt(text, max_chars: int) -> Tuple[bool, str, str]:
     """
     if not isinstance(text, str):
         return False, '', f'prompt must be a string, got {type(text).__name__}'
+    if '\x00' in text:  # (over ROS the text was cut there: only what came before arrives)
+        return False, '', ('prompt contains a NUL character: a ROS string ends at its first '
+                           'NUL, so what follows it would never arrive; remove it')
     cleaned = ''.join(ch for ch in text if ch in '\n\t' or (ord(ch) >= 32 and ord(ch) != 127))
     cleaned = cleaned.strip()
     # zero-width and other format characters (Unicode category Cf) say nothing either
     if not any(not ch.isspace() and unicodedata.category(ch) != 'Cf' for ch in cleaned):
-        return False, '', 'prompt is empty or whitespace only'
+        return False, '', ('prompt is empty or whitespace only (over ROS a string ends at its '
+                           'first NUL character: a question that starts with one arrives '
+                           'empty)')
     if len(cleaned) > max_chars:
         return False, '', f'prompt has {len(cleaned)} characters, limit is {max_chars}'
     return True, cleaned, 'accepted'

@@ -34,6 +34,9 @@ def release_freed_memory() -> None:
     configure (or another process; on a Jetson host and GPU share one memory) can use them."""
     trim_host_heap()
     import sys
-    torch = sys.modules.get('torch')  # (never imported just for this)
-    if torch is not None and torch.cuda.is_available():
+    torch = sys.modules.get('torch')  # (never imported just for this, nor waited for: a
+    # shutdown while another thread still imports torch must not block on its import)
+    spec = getattr(torch, '__spec__', None)
+    if torch is not None and not getattr(spec, '_initializing', False) and \
+            torch.cuda.is_available():
         torch.cuda.empty_cache()

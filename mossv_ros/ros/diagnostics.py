@@ -45,8 +45,9 @@ def diagnostic_array(node_name: str, stamp, model: Dict[str, str], stats: ev.Eng
         engine): its frames, drops, cache and lag are that camera's, not the node's totals.
     :param stale_sec: a camera silent longer than this (stamp time) is WARN.
     :param now_sec: the node clock, seconds (None while a sim clock has not started).
-    :param lifecycle_state: the node's lifecycle state; an inactive node is OK (REP-107: a
-        managed node waiting to be activated is not a fault), and says so.
+    :param lifecycle_state: the node's lifecycle state; an inactive node is WARN with
+        'inactive' in the message (not a fault, but a monitor that reads only levels must see
+        that it refuses questions).
     """
     from diagnostic_msgs.msg import DiagnosticArray
     state = stats.state
@@ -71,8 +72,9 @@ def diagnostic_array(node_name: str, stamp, model: Dict[str, str], stats: ev.Eng
         ('available_memory_bytes', stats.available_memory_bytes),
         ('memory_plan', model.get('memory_plan', ''))]))
     m = stats.last_metrics or ev.RoundMetrics()
-    engine_level = ERROR if state == 'error' else (OK if state in ('ready', 'inactive')
-                                                   else WARN)
+    # inactive is WARN, not OK: a monitor that reads only levels must see that questions are
+    # refused (the message says it is the lifecycle, not a fault)
+    engine_level = ERROR if state == 'error' else (OK if state == 'ready' else WARN)
     engine_message = (f'inactive (lifecycle {lifecycle_state}): questions are rejected'
                       if state == 'inactive' else state)
     if engine_level == OK and 'failed' in stats.decode_path:  # capture or compilation
