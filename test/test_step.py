@@ -433,3 +433,40 @@ def test_named_streams_draw_independently_and_restart_from_their_seed():
         != sampler.stream_seed('head')
     with pytest.raises(ValueError, match='1 streams for 2 rows'):
         sampler.sample(logits, [[], []], ['head'])
+
+
+def test_flash_attention_2_only_where_it_can_run(monkeypatch):
+    """Issue 37: 'auto' picks FlashAttention-2 only on CUDA in float16/bfloat16 and only when
+    its real interface imports; flash-attn-4 alone (a bare ``flash_attn`` namespace package)
+    and float32 fall back to SDPA; asking for it where it cannot run is refused with why."""
+    import importlib
+    import sys
+    import types
+
+    from mossv_ros.engine.runner import pick_attn_implementation
+    real = importlib.import_module
+
+    def fake(installed):
+        def import_module(name, *args, **kwargs):
+            if name.startswith('flash_attn'):
+                if name in installed:
+                    return types.ModuleType(name)
+                raise ImportError(f'No module named {name!r}')
+            return real(name, *args, **kwargs)
+        return import_module
+    namespace_only = {'flash_attn'}  # flash-attn-4: the package, not the FA2 interface
+    full = {'flash_attn', 'flash_attn.flash_attn_interface'}
+    monkeypatch.setitem(sys.modules, 'flash_attn', types.ModuleType('flash_attn'))
+    monkeypatch.setattr(importlib, 'import_module', fake(namespace_only))
+    assert pick_attn_implementation('auto', 'cuda', 'bfloat16') == 'sdpa'
+    with pytest.raises(ValueError, match='flash_attn_interface'):
+        pick_attn_implementation('flash_attention_2', 'cuda', 'bfloat16')
+    monkeypatch.setattr(importlib, 'import_module', fake(full))
+    assert pick_attn_implementation('auto', 'cuda', 'bfloat16') == 'flash_attention_2'
+    assert pick_attn_implementation('auto', 'cuda', 'float16') == 'flash_attention_2'
+    assert pick_attn_implementation('auto', 'cuda', 'float32') == 'sdpa'
+    assert pick_attn_implementation('auto', 'cpu', 'bfloat16') == 'sdpa'
+    with pytest.raises(ValueError, match='bfloat16 or float16'):
+        pick_attn_implementation('flash_attention_2', 'cuda', 'float32')
+    with pytest.raises(ValueError, match='needs CUDA'):
+        pick_attn_implementation('flash_attention_2', 'cpu', 'bfloat16')

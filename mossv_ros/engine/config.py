@@ -110,7 +110,8 @@ class EngineConfig:
     :ivar device: 'auto' or a torch device string ('cpu', 'cuda', 'cuda:1'); resolved by
         :func:`resolve_device_dtype` when the model loads.
     :ivar attn_implementation: text self-attention and vision tower kernel; 'auto' picks
-        FlashAttention-2 when ``flash_attn`` is installed and CUDA is used, SDPA otherwise.
+        FlashAttention-2 on CUDA in bfloat16/float16 when its interface
+        (``flash_attn.flash_attn_interface``) imports, SDPA otherwise.
     :ivar quantization: weight-only quantization of the model's linear layers at load
         ('none', 'int8', 'fp8' (CUDA, compute capability 8.9+), 'int4' (CUDA); torchao),
         see :mod:`.quantize`.

@@ -66,24 +66,40 @@ class Session:
         return self.kv_cache.used_bytes + self.vision_cache.used_bytes
 
 
-def pick_attn_implementation(requested: str, device: str) -> str:
-    """Resolve 'auto': FlashAttention-2 with CUDA and ``flash_attn`` installed, else SDPA."""
+def flash_attention_2_available() -> bool:
+    """FlashAttention-2's real interface imports (``flash_attn.flash_attn_interface``, what
+    transformers calls): flash-attn-4 alone makes a bare ``import flash_attn`` succeed as a
+    namespace package without it."""
+    import importlib
+    try:
+        importlib.import_module('flash_attn.flash_attn_interface')
+    except ImportError:
+        return False
+    return True
+
+
+def pick_attn_implementation(requested: str, device: str, dtype: str = 'bfloat16') -> str:
+    """Resolve 'auto': FlashAttention-2 on CUDA in float16 or bfloat16 (its kernels take
+    nothing else) when its interface imports, else SDPA.
+
+    :raises ValueError: 'flash_attention_2' asked for where it cannot run (not installed, not
+        CUDA, float32), with why.
+    """
+    if requested == 'flash_attention_2':
+        if not flash_attention_2_available():
+            raise ValueError('engine.attn_implementation=flash_attention_2 but flash_attn\'s '
+                             'FlashAttention-2 interface (flash_attn.flash_attn_interface) is '
+                             'not installed')
+        if not device.startswith('cuda'):
+            raise ValueError('engine.attn_implementation=flash_attention_2 needs CUDA')
+        if dtype not in ('bfloat16', 'float16'):
+            raise ValueError(f'engine.attn_implementation=flash_attention_2 needs '
+                             f'engine.dtype bfloat16 or float16 (not {dtype}): use sdpa')
     if requested != 'auto':
-        if requested == 'flash_attention_2':
-            try:
-                import flash_attn  # noqa: F401
-            except ImportError as exc:
-                raise ValueError('engine.attn_implementation=flash_attention_2 but the '
-                                 'flash_attn package is not installed') from exc
-            if not device.startswith('cuda'):
-                raise ValueError('engine.attn_implementation=flash_attention_2 needs CUDA')
         return requested
-    if device.startswith('cuda'):
-        try:
-            import flash_attn  # noqa: F401
-            return 'flash_attention_2'
-        except ImportError:
-            pass
+    if device.startswith('cuda') and dtype in ('bfloat16', 'float16') and \
+            flash_attention_2_available():
+        return 'flash_attention_2'
     return 'sdpa'
 
 
@@ -160,7 +176,8 @@ class ModelRunner:
             import os
             torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 2) // 2))
         dtype = DTYPE_MAP[config.dtype]
-        impl = pick_attn_implementation(config.attn_implementation, config.device)
+        impl = pick_attn_implementation(config.attn_implementation, config.device,
+                                        config.dtype)
         read_config(path)  # architecture check first: the clearest error for a wrong folder
         quantize.check(config.quantization, config.device, _capability(config.device))
         #: the memory plan, checked before any weight is read (:mod:`.memory`)
@@ -187,7 +204,8 @@ class ModelRunner:
         self = cls.__new__(cls)
         self.config = config
         quantize.check(config.quantization, config.device, _capability(config.device))
-        impl = pick_attn_implementation(config.attn_implementation, config.device)
+        impl = pick_attn_implementation(config.attn_implementation, config.device,
+                                        config.dtype)
         self.memory_plan = None
         if _fuses(config):  # fused before quantizing: quantized runners keep the fused GEMMs
             fusion.fuse_in_memory(text, text.config.cross_attention_layers,
