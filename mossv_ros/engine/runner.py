@@ -87,7 +87,7 @@ def pick_attn_implementation(requested: str, device: str, dtype: str = 'bfloat16
     """
     if requested == 'flash_attention_2':
         if not flash_attention_2_available():
-            raise ValueError('engine.attn_implementation=flash_attention_2 but flash_attn\'s '
+            raise ValueError("engine.attn_implementation=flash_attention_2 but flash_attn's "
                              'FlashAttention-2 interface (flash_attn.flash_attn_interface) is '
                              'not installed')
         if not device.startswith('cuda'):
