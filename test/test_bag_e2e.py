@@ -2,7 +2,6 @@
 (with /clock) into the assistant node running the tiny checkpoint with use_sim_time."""
 import signal
 import threading
-import time
 
 import pytest
 
@@ -37,7 +36,6 @@ def test_bag_replay_into_node_answers_every_question(ros_context, tiny_checkpoin
                        '-p', 'use_sim_time:=true', '-p', 'sampling.max_new_tokens:=10',
                        '-p', 'frames.rate_hz:=2.0', '-p', 'round.close_after_frames:=3',
                        '-p', 'qos.image_reliability:=reliable')
-    t0 = time.monotonic()
     try:
         rec = rclpy.create_node('recorder', context=ros_context)
         got = {'tokens': [], 'silence': [], 'answer': [], 'status': []}
@@ -61,13 +59,11 @@ def test_bag_replay_into_node_answers_every_question(ros_context, tiny_checkpoin
         spin_until(rec, lambda: set(ids) <= answered(), 30)
         assert proc.poll() is None, 'the node died'
         # SIGINT while listening: the open round still ends with a final Answer we receive
-        t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         spin_until(rec, lambda: proc.poll() is not None, 10)
         spin_until(rec, lambda: False, 0.5)
     finally:
-        code, took, out = stop(proc)
-        took = time.monotonic() - t0
+        code, _, out = stop(proc)
     assert result['r'].counts == {'/image': video_bag.counts['/image'],
                                   '/mossv_assistant/question': 2, }
     for rid, (_, text) in zip(ids, QUESTIONS):
@@ -94,5 +90,5 @@ def test_bag_replay_into_node_answers_every_question(ros_context, tiny_checkpoin
     for rnd in {t.round_id for t in got['tokens']}:
         stamps = [_ns(t.header.stamp) for t in got['tokens'] if t.round_id == rnd]
         assert stamps == sorted(stamps), f'stamps went backwards in round {rnd}'
-    assert code == 0 and took < 5.0, out
+    assert code == 0, out  # (the time to exit: bench/bench_shutdown.py)
     assert 'Traceback' not in out, out

@@ -125,18 +125,15 @@ def test_request_id_is_bounded(tiny_runner):
 def test_round_without_frames_ends_after_close_after_sec(tiny_runner):
     """Issue 16 item 2: with no camera a round never ended (the final Answer came only at
     the next question or at shutdown)."""
-    import time
 
     from mossv_ros.engine.config import SamplingConfig
     engine = _engine(tiny_runner, round_close_after_sec=0.5,
                      sampling=SamplingConfig(max_new_tokens=4))
     try:
-        t0 = time.monotonic()
         ok, rid, msg = engine.submit_question('What colour is the circle?', 'q')
         assert ok, msg
         events = _drain(engine, lambda ev: _finals(ev, rid))
         assert len(_finals(events, rid)) == 1, events
-        assert time.monotonic() - t0 < 15
     finally:
         engine.stop()
 
@@ -510,7 +507,6 @@ def test_mossv_ros_ask_returns_when_answered_and_follow_waits_for_the_round():
     returned only at the round's end (about 31 s after the answer with the defaults) and
     exited 2 with a shorter --timeout although it had printed the answer."""
     pytest.importorskip('rclpy')
-    import time
 
     from mossv_ros.toyworld import shipped_model_dir
 
@@ -520,10 +516,8 @@ def test_mossv_ros_ask_returns_when_answered_and_follow_waits_for_the_round():
                       '-r', '__ns:=/asktest', '-p', 'round.close_after_sec:=6.0')
     node = '/asktest/mossv_assistant'
     try:
-        t0 = time.monotonic()
         quick = mossv_ros('ask', 'What colour is the circle?', '--node', node, '--timeout',
                           '60', timeout=90)
-        took = time.monotonic() - t0
         follow = mossv_ros('ask', 'What colour is the circle?', '--node', node, '--follow',
                            '--timeout', '60', timeout=90)
         silent = mossv_ros('ask', 'Tell me when a star appears.', '--node', node, '--follow',
@@ -532,7 +526,6 @@ def test_mossv_ros_ask_returns_when_answered_and_follow_waits_for_the_round():
         stop(proc)
     assert quick.returncode == 0, (quick.stdout, quick.stderr)
     assert '[answer (round' in quick.stdout and ', final' not in quick.stdout, quick.stdout
-    assert took < 20, took  # not the round's end: it closes 6 s after the answer
     assert follow.returncode == 0 and 'final, ended by silence' in follow.stdout, follow.stdout
     for res in (quick, follow, silent):
         assert '-1--1' not in res.stdout and 'no frame' in res.stdout, res.stdout
