@@ -12,6 +12,8 @@ graphs share one memory pool (they never run at the same time), the encoder grap
 Capture needs CUDA; on the CPU the same step runs eagerly (tests prove it graph-ready:
 ``test/test_step.py``).
 """
+from dataclasses import dataclass
+import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -148,6 +150,69 @@ class StepGraphs:
         captured.meta.copy_(torch.from_numpy(meta).pin_memory(), non_blocking=True)
         captured.graph.replay()
         return captured.out
+
+
+@dataclass
+class PreparedStep:
+    """What :func:`prepare_step` made of the text step.
+
+    :ivar graphs: the :class:`StepGraphs` to run steps through, or None (eager steps).
+    :ivar decode_path: how steps run, for Status ('cuda graphs (N steps + encoder)[,
+        compiled (inductor, S s)]', 'compiled (inductor, S s), not captured (<device>)',
+        'eager (<why>)').
+    :ivar compile_seconds: seconds compiling and capturing took (0 without compilation).
+    :ivar failure: '' or what failed ('CUDA graph capture', 'compilation of the step').
+    :ivar reason: the error's type and message (text only: no traceback is kept, it would
+        hold the half-captured graphs).
+    :ivar out_of_memory: the failure was a device out-of-memory error.
+    """
+
+    graphs: Optional['StepGraphs']
+    decode_path: str
+    compile_seconds: float = 0.0
+    failure: str = ''
+    reason: str = ''
+    out_of_memory: bool = False
+
+
+def prepare_step(model, frames, pool: CachePool, device: str, cuda_graphs: str,
+                 compiled: bool) -> PreparedStep:
+    """Make the text step ready to run over ``pool``: compiled by inductor when ``compiled``
+    (:func:`compile_step`, every shape compiled now), captured as CUDA graphs with the frame
+    encoder (``frames``, a :class:`~.frames.FrameEncoder`) when ``cuda_graphs`` and
+    ``device`` allow. A failure leaves eager steps and says why: the engine goes on.
+    """
+    cuda = device.startswith('cuda')
+    capture = cuda and cuda_graphs != 'off'
+    if not capture and not compiled:
+        why = 'cuda_graphs off' if cuda_graphs == 'off' else device
+        return PreparedStep(None, f'eager ({why})')
+    t0 = time.monotonic()
+    try:
+        graphs = StepGraphs(model, pool)
+        if compiled:  # one compiled function for every shape of the pool's graphs
+            graphs.forward = compile_step(model, graphs.num_shapes)
+        if capture:
+            graphs.capture()
+            frames.capture_graph()
+        else:  # compiled, not captured: every shape compiled now, not in a step
+            graphs.warm_up()
+    except Exception as exc:  # noqa: BLE001 - any failure: eager steps, and why
+        graphs = None
+        if cuda:
+            torch.cuda.empty_cache()  # the failed capture's graph pool
+        what = 'capture' if capture else 'compilation'
+        return PreparedStep(
+            None, f'eager ({what} failed: {type(exc).__name__}: {exc})'[:200],
+            failure='CUDA graph capture' if capture else 'compilation of the step',
+            reason=f'{type(exc).__name__}: {exc}',
+            out_of_memory=isinstance(exc, torch.OutOfMemoryError))
+    seconds = time.monotonic() - t0 if compiled else 0.0
+    done = f'compiled (inductor, {seconds:.0f} s)'
+    if not capture:
+        return PreparedStep(graphs, f'{done}, not captured ({device})', seconds)
+    return PreparedStep(graphs, f'cuda graphs ({graphs.num_graphs} steps + encoder)'
+                        + (f', {done}' if compiled else ''), seconds)
 
 
 def compile_step(model, num_shapes: int):

@@ -289,44 +289,17 @@ class ModelRunner:
             (inductor, S s with capture)]', 'compiled (inductor, S s), not captured (<why>)',
             'eager (cuda_graphs off)', 'eager (cpu)' or 'eager (capture failed: <why>)'.
         """
-        import time
-
-        from .graphs import compile_step, StepGraphs
-        mode, cuda = self.config.cuda_graphs, self.config.device.startswith('cuda')
-        capture = cuda and mode != 'off'
-        if mode == 'on' and not cuda:
-            log.warning('engine.cuda_graphs=on needs CUDA; running eagerly on %s',
-                        self.config.device)
-        if not capture and not self.compiled:
-            return f'eager ({"cuda_graphs off" if mode == "off" else self.config.device})'
-        pool = sessions[0].pool
-        t0 = time.monotonic()
-        try:
-            graphs = StepGraphs(self.model, pool)
-            if self.compiled:  # one compiled function for every shape of the pool's graphs
-                graphs.forward = compile_step(self.model, graphs.num_shapes)
-            if capture:
-                graphs.capture()
-                self.frames.capture_graph()
-            else:  # compiled, not captured: every shape compiled now, not in a step
-                graphs.warm_up()
-            self.graphs = graphs
-        except Exception as exc:  # noqa: BLE001 - any capture failure: eager, say why
-            self.graphs = graphs = None
-            if isinstance(exc, torch.OutOfMemoryError):
-                self.num_capture_ooms += 1
-            if cuda:
-                torch.cuda.empty_cache()  # the failed capture's graph pool
-            what = 'capture' if capture else 'compilation'
-            log.warning('%s failed, running eagerly: %s: %s', 'CUDA graph capture' if capture
-                        else 'compilation of the step', type(exc).__name__, exc)
-            return f'eager ({what} failed: {type(exc).__name__}: {exc})'[:200]
-        self.compile_seconds = time.monotonic() - t0 if self.compiled else 0.0
-        compiled = f'compiled (inductor, {self.compile_seconds:.0f} s)'
-        if not capture:
-            return f'{compiled}, not captured ({self.config.device})'
-        return (f'cuda graphs ({graphs.num_graphs} steps + encoder)'
-                + (f', {compiled}' if self.compiled else ''))
+        from .graphs import prepare_step
+        cfg = self.config
+        if cfg.cuda_graphs == 'on' and not cfg.device.startswith('cuda'):
+            log.warning('engine.cuda_graphs=on needs CUDA; running eagerly on %s', cfg.device)
+        done = prepare_step(self.model, self.frames, sessions[0].pool, cfg.device,
+                            cfg.cuda_graphs, self.compiled)
+        self.graphs, self.compile_seconds = done.graphs, done.compile_seconds
+        if done.failure:
+            self.num_capture_ooms += int(done.out_of_memory)
+            log.warning('%s failed, running eagerly: %s', done.failure, done.reason)
+        return done.decode_path
 
     # ------------------------------------------------------------------ vision cache
     def insert_frame(self, session: Session, frame: EncodedFrame, position: int,
