@@ -133,9 +133,13 @@ def test_per_camera_diagnostics_are_each_cameras(ros_context, tiny_checkpoint):
         assert (a['num_frames_received'], b['num_frames_received']) == ('5', '2')
         assert (a['num_images'], b['num_images']) == ('5', '2')
         assert int(a['cache_bytes']) > int(b['cache_bytes']) > 0
-        status = got['status'][-1]
-        cams = {c.name: c for c in status.cameras}
-        assert cams['a'].num_frames_received == 5 and cams['b'].num_frames_received == 2
+        def counted():  # the newest Status that reports the cameras (a Status sent while
+            # the node was still coming up reports none)
+            status = next((st for st in reversed(got['status']) if st.cameras), None)
+            cams = {c.name: c.num_frames_received for c in status.cameras} if status else {}
+            return cams == {'a': 5, 'b': 2}
+        assert spin_until(probe, counted, 10), [[(c.name, c.num_frames_received)
+                                                 for c in st.cameras] for st in got['status'][-3:]]
     finally:
         teardown_assistant(executor, node, probe)
 
