@@ -21,7 +21,6 @@ The check and the nearest configuration that fits (:func:`suggest`) are pure ari
 :class:`ModelShape`; only :func:`model_shape` imports torch and transformers.
 """
 from dataclasses import dataclass
-import json
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -392,10 +391,3 @@ def _host_available() -> int:
     except OSError:
         pass
     return 0
-
-
-def write_json(p: MemoryPlan, path) -> None:
-    """The plan as JSON (benchmarks)."""
-    Path(path).write_text(json.dumps({**p.__dict__, 'total_bytes': p.total_bytes,
-                                      'fits': p.fits}, indent=2))
-
